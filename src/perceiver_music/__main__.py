@@ -1,0 +1,5 @@
+import sys
+
+from perceiver_music.cli import main
+
+sys.exit(main())

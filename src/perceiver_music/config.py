@@ -1,0 +1,213 @@
+"""Typed configuration: dataclasses are the one source of truth; YAML loads into them.
+
+A config is built from defaults, then a YAML file (a shipped name such as `debug` or a path),
+then dotted command-line overrides such as `data.max_len=2048`. Unknown keys and values of
+the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TokenizerConfig:
+    """Performance-event encoding (DESIGN.md section 2)."""
+
+    steps_per_second: int = 100
+    velocity_bins: int = 32
+    max_shift_steps: int = 100
+    max_note_seconds: float = 5.0  # decoding: a note never closed ends after this
+    default_velocity: int = 64  # decoding: a NOTE_ON before any VELOCITY
+    max_seconds: float = 4 * 3600.0  # longer MIDI files are refused as absurd
+
+    def __post_init__(self) -> None:
+        if self.steps_per_second <= 0 or 1000 % self.steps_per_second:
+            raise ConfigError("tokenizer.steps_per_second must divide 1000 (MIDI is written in ms)")
+        if not 1 <= self.velocity_bins <= 127:
+            raise ConfigError("tokenizer.velocity_bins must be in 1..127")
+        if self.max_shift_steps < 1:
+            raise ConfigError("tokenizer.max_shift_steps must be at least 1")
+        if self.max_note_seconds <= 0:
+            raise ConfigError("tokenizer.max_note_seconds must be positive")
+        if not 1 <= self.default_velocity <= 127:
+            raise ConfigError("tokenizer.default_velocity must be in 1..127")
+        if self.max_seconds <= 0:
+            raise ConfigError("tokenizer.max_seconds must be positive")
+
+
+@dataclass
+class PrepareConfig:
+    """Folder of MIDI -> token arrays (DESIGN.md section 3)."""
+
+    workers: int = 0  # 0: one per CPU core
+    split: Literal["auto", "maestro", "asap", "hash"] = "auto"
+    valid_fraction: float = 0.1  # of pieces (asap) or files (hash)
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError("prepare.workers must be >= 0")
+        if not (0 <= self.valid_fraction < 1 and 0 <= self.test_fraction < 1):
+            raise ConfigError("prepare.valid_fraction and test_fraction must be in [0, 1)")
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ConfigError("prepare.valid_fraction + test_fraction must leave room for train")
+
+
+@dataclass
+class DataConfig:
+    """Training windows (DESIGN.md section 4)."""
+
+    max_len: int = 1024  # inputs per window
+    num_latents: int = 256  # targets per window: the last num_latents positions
+    segmentation: Literal["effective", "baseline"] = "effective"
+    transpose: int = 3  # augmentation: uniform shift in [-transpose, transpose] semitones
+    stretch: float = 0.05  # augmentation: time factor uniform in [1 - stretch, 1 + stretch]
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1 or not 1 <= self.num_latents <= self.max_len:
+            raise ConfigError("data.num_latents must be in 1..data.max_len")
+        if self.transpose < 0 or not 0 <= self.stretch < 1:
+            raise ConfigError("data.transpose must be >= 0 and data.stretch in [0, 1)")
+
+
+@dataclass
+class Config:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known here: {', '.join(names)})")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, path)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} does not fit {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = get_args(tp)[:1] or (Any,)
+        items = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to a nested mapping; values are parsed as YAML."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A shipped config name (`debug`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config named {name_or_path!r}: shipped configs are {', '.join(names)}")
+
+
+def load_config(
+    name_or_path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = Config
+) -> T:
+    """Defaults <- YAML file <- dotted overrides, checked against `cls`."""
+    data: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    return from_dict(cls, data)

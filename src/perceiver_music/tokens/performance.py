@@ -1,0 +1,494 @@
+"""MIDI <-> performance events (DESIGN.md section 2).
+
+Magenta's performance encoding with sustain applied: NOTE_ON(pitch), NOTE_OFF(pitch),
+TIME_SHIFT(1..100 steps of 10 ms) and VELOCITY(bin 1..32), plus PAD / BOS / EOS.
+
+Every stage is vectorised numpy; the only Python loop is over MIDI tracks. MIDI is read
+and written through symusic. Where overlapping notes of one pitch make a file ambiguous,
+symusic pairs note-ons with note-offs differently from pretty_midi (which Magenta uses);
+symusic's pairing stands. Given the same notes and pedal events, the event sequence is the
+one note_seq produces.
+
+Token ids (with the default settings, vocabulary 391):
+
+    0 PAD, 1 BOS, 2 EOS,
+    3..130   NOTE_ON 0..127
+    131..258 NOTE_OFF 0..127
+    259..358 TIME_SHIFT 1..100
+    359..390 VELOCITY 1..32
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from perceiver_music.config import TokenizerConfig
+
+PAD, BOS, EOS = 0, 1, 2
+NUM_SPECIAL = 3
+NUM_PITCHES = 128
+
+# symusic is imported lazily: `tokenize --help` and the config code should not pay for it.
+
+
+class MidiError(ValueError):
+    """A MIDI file that cannot be used, with the file and the reason."""
+
+    def __init__(self, source: str | os.PathLike | None, reason: str):
+        self.source = None if source is None else str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}" if self.source else reason)
+
+
+@dataclass
+class Notes:
+    """Notes as parallel arrays, sorted by (start, pitch).
+
+    Times are seconds (float64) before quantisation and integer steps after it.
+    """
+
+    start: np.ndarray
+    end: np.ndarray
+    pitch: np.ndarray
+    velocity: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pitch)
+
+    @classmethod
+    def empty(cls, time_dtype=np.float64) -> Notes:
+        return cls(
+            np.zeros(0, time_dtype), np.zeros(0, time_dtype), np.zeros(0, np.int16), np.zeros(0, np.int16)
+        )
+
+    def take(self, index: np.ndarray) -> Notes:
+        return Notes(self.start[index], self.end[index], self.pitch[index], self.velocity[index])
+
+    def sorted(self) -> Notes:
+        """Sorted by (start, pitch, end, velocity): the order of the encoding, made total."""
+        return self.take(np.lexsort((self.velocity, self.end, self.pitch, self.start)))
+
+
+class Vocab:
+    """Token ids and readable event names for one tokenizer configuration."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        self.cfg = cfg
+        self.note_on = NUM_SPECIAL
+        self.note_off = self.note_on + NUM_PITCHES
+        self.time_shift = self.note_off + NUM_PITCHES  # id of TIME_SHIFT(1)
+        self.velocity = self.time_shift + cfg.max_shift_steps  # id of VELOCITY(1)
+        self.size = self.velocity + cfg.velocity_bins
+
+    def event_name(self, token: int) -> str:
+        token = int(token)
+        if token == PAD:
+            return "PAD"
+        if token == BOS:
+            return "BOS"
+        if token == EOS:
+            return "EOS"
+        if self.note_on <= token < self.note_off:
+            return f"NOTE_ON:{token - self.note_on}"
+        if self.note_off <= token < self.time_shift:
+            return f"NOTE_OFF:{token - self.note_off}"
+        if self.time_shift <= token < self.velocity:
+            return f"TIME_SHIFT:{token - self.time_shift + 1}"
+        if self.velocity <= token < self.size:
+            return f"VELOCITY:{token - self.velocity + 1}"
+        raise ValueError(f"token id {token} is outside the vocabulary (0..{self.size - 1})")
+
+    def names(self, ids: np.ndarray) -> list[str]:
+        return [self.event_name(t) for t in np.asarray(ids).tolist()]
+
+    def parse(self, name: str) -> int:
+        """The id of a readable event such as 'NOTE_ON:60'."""
+        if name in ("PAD", "BOS", "EOS"):
+            return {"PAD": PAD, "BOS": BOS, "EOS": EOS}[name]
+        kind, _, value = name.partition(":")
+        limits = {
+            "NOTE_ON": (self.note_on, 0, NUM_PITCHES - 1),
+            "NOTE_OFF": (self.note_off, 0, NUM_PITCHES - 1),
+            "TIME_SHIFT": (self.time_shift, 1, self.cfg.max_shift_steps),
+            "VELOCITY": (self.velocity, 1, self.cfg.velocity_bins),
+        }
+        if kind not in limits or not value.lstrip("-").isdigit():
+            raise ValueError(f"not an event: {name!r}")
+        base, lo, hi = limits[kind]
+        v = int(value)
+        if not lo <= v <= hi:
+            raise ValueError(f"{kind} value {v} outside {lo}..{hi} in {name!r}")
+        return base + v - lo
+
+
+# ----------------------------------------------------------------------------- reading MIDI
+
+
+def load_score(source: str | os.PathLike | bytes, name: str | None = None):
+    """Parse MIDI with symusic in ticks; any failure becomes a MidiError naming the file."""
+    from symusic import Score
+
+    label = name if name is not None else (None if isinstance(source, bytes) else str(source))
+    try:
+        if isinstance(source, bytes):
+            return Score.from_midi(source)
+        size = os.path.getsize(source)
+        if size == 0:
+            raise MidiError(label, "empty file (0 bytes)")
+        with open(source, "rb") as f:
+            head = f.read(4)
+        if head != b"MThd":
+            raise MidiError(label, f"not a MIDI file (starts with {head!r}, expected b'MThd')")
+        return Score(str(source))
+    except MidiError:
+        raise
+    except OSError as e:
+        raise MidiError(label, f"cannot read: {e.strerror or e}") from None
+    except Exception as e:  # symusic raises RuntimeError with a parser message
+        msg = str(e).replace("MiniMidi: ", "").replace(": iostream error", "")
+        raise MidiError(label, f"corrupt MIDI: {msg}") from None
+
+
+def _tick_to_seconds(score) -> callable:
+    """A float64 tick -> seconds map from the score's tempo changes (symusic keeps float32)."""
+    tpq = int(score.ticks_per_quarter)
+    if tpq <= 0:
+        raise MidiError(None, f"invalid ticks per quarter note: {tpq}")
+    tempos = score.tempos.numpy()
+    t_tick = tempos["time"].astype(np.int64)
+    mspq = tempos["mspq"].astype(np.float64)
+    if len(t_tick):
+        order = np.argsort(t_tick, kind="stable")
+        t_tick, mspq = t_tick[order], mspq[order]
+        # Of several tempo events on one tick the last one holds.
+        last = np.append(t_tick[1:] != t_tick[:-1], True)
+        t_tick, mspq = t_tick[last], mspq[last]
+        mspq = np.where(mspq > 0, mspq, 500_000.0)
+    if len(t_tick) == 0 or t_tick[0] > 0:
+        t_tick = np.insert(t_tick, 0, 0)
+        mspq = np.insert(mspq, 0, 500_000.0)
+    sec_per_tick = mspq / 1e6 / tpq
+    seg_start = np.concatenate([[0.0], np.cumsum(np.diff(t_tick) * sec_per_tick[:-1])])
+
+    def convert(ticks: np.ndarray) -> np.ndarray:
+        ticks = np.asarray(ticks, dtype=np.int64)
+        k = np.searchsorted(t_tick, ticks, side="right") - 1
+        return seg_start[k] + (ticks - t_tick[k]) * sec_per_tick[k]
+
+    return convert
+
+
+def apply_sustain(notes: Notes, pedal_time: np.ndarray, pedal_down: np.ndarray, final_time: float) -> Notes:
+    """Extend notes held by the sustain pedal, as note_seq's apply_sustain_control_changes.
+
+    Events at one time are ordered pedal-down, pedal-up, note-on, note-off. A note released
+    while the pedal is down lasts until the next pedal-up or until the same pitch is struck
+    again with the pedal down, whichever is first (a re-strike under the pedal also cuts a
+    note that is still held). Notes still sustained at the end end at `final_time`. A note
+    cut at its own start by a simultaneous re-strike is dropped, as note_seq does.
+
+    The sequential algorithm reduces to two look-ups per note: the pedal state at its
+    release, and the first later onset of its pitch that happens with the pedal down.
+    """
+    n = len(notes)
+    if n == 0 or len(pedal_time) == 0:
+        return notes
+    order = np.lexsort((~pedal_down, pedal_time))  # by time, downs before ups
+    p_time, p_down = pedal_time[order], pedal_down[order]
+    up_times = p_time[~p_down]
+
+    def pedal_is_down(t: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(p_time, t, side="right") - 1  # the last pedal event at or before t
+        return (i >= 0) & p_down[np.maximum(i, 0)]
+
+    held = pedal_is_down(notes.end)
+    # The first pedal-up after each release; with none left, the end of the piece.
+    next_up = np.append(up_times, final_time)[np.searchsorted(up_times, notes.end, side="right")]
+    natural_end = np.where(held, next_up, notes.end)
+
+    # Note-ons are processed by (time, original order); group them by pitch in that order.
+    by_pitch = np.lexsort((np.arange(n), notes.start, notes.pitch))
+    start_s, pitch_s = notes.start[by_pitch], notes.pitch[by_pitch]
+    cutting = np.append(np.flatnonzero(pedal_is_down(start_s)), n)  # onsets under the pedal; sentinel
+    nxt = cutting[np.searchsorted(cutting, np.arange(n), side="right")]  # next one after each note
+    pitch_ext = np.append(pitch_s, -1)
+    start_ext = np.append(start_s, np.inf)
+    cut_at = np.empty(n)
+    cut_at[by_pitch] = np.where(pitch_ext[nxt] == pitch_s, start_ext[nxt], np.inf)
+    cut = cut_at <= natural_end
+    end = np.where(cut, cut_at, natural_end)
+    keep = ~(cut & (end == notes.start))
+    return Notes(notes.start[keep], end[keep], notes.pitch[keep], notes.velocity[keep])
+
+
+def score_to_notes(score, source: str | None = None) -> Notes:
+    """All non-drum notes of a symusic Score (in ticks), in seconds, sustain applied per track."""
+    try:
+        to_sec = _tick_to_seconds(score)
+    except MidiError as e:
+        raise MidiError(source, e.reason) from None
+    per_track = []
+    last_event = 0.0
+    for track in score.tracks:
+        if track.is_drum:
+            continue
+        nt = track.notes.numpy()
+        if len(nt["time"]) == 0:
+            continue
+        on_tick = nt["time"].astype(np.int64)
+        start = to_sec(on_tick)
+        end = to_sec(on_tick + np.maximum(nt["duration"].astype(np.int64), 0))
+        cc = track.controls.numpy()
+        is_sustain = cc["number"] == 64
+        pedal_time = to_sec(cc["time"][is_sustain].astype(np.int64))
+        pedal_down = cc["value"][is_sustain] >= 64
+        last_event = max(last_event, float(end.max()), float(pedal_time.max(initial=0.0)))
+        notes = Notes(start, end, nt["pitch"].astype(np.int16), nt["velocity"].astype(np.int16))
+        per_track.append((notes, pedal_time, pedal_down))
+    if not per_track:
+        return Notes.empty()
+    parts = [apply_sustain(n, pt, pd, last_event) for n, pt, pd in per_track]
+    merged = Notes(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("start", "end", "pitch", "velocity"))
+    )
+    valid = (merged.pitch >= 0) & (merged.pitch < NUM_PITCHES) & (merged.velocity > 0)
+    return merged.take(np.flatnonzero(valid))
+
+
+def quantize(notes: Notes, steps_per_second: int) -> Notes:
+    """Seconds -> integer steps: floor(t * steps + 0.5); a note never ends on its start step.
+
+    The result is in encoding order, (start seconds, pitch), which the steps alone cannot
+    recover once two onsets share a step.
+    """
+    notes = notes.take(np.lexsort((notes.pitch, notes.start)))
+    start = np.floor(notes.start * steps_per_second + 0.5).astype(np.int64)
+    end = np.floor(notes.end * steps_per_second + 0.5).astype(np.int64)
+    end = np.maximum(end, start + 1)
+    return Notes(start, end, notes.pitch, notes.velocity)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+class PerformanceTokenizer:
+    """Performance-event tokenizer: MIDI file <-> token ids, vectorised."""
+
+    def __init__(self, cfg: TokenizerConfig | None = None):
+        self.cfg = cfg or TokenizerConfig()
+        self.vocab = Vocab(self.cfg)
+
+    # -- velocity bins --------------------------------------------------------------
+    def velocity_bin(self, velocity: np.ndarray) -> np.ndarray:
+        """(v - 1) // width + 1, width = ceil(127 / bins): 4 for 32 bins."""
+        width = -(-127 // self.cfg.velocity_bins)
+        v = np.clip(np.asarray(velocity, np.int64), 1, 127)
+        return np.minimum((v - 1) // width + 1, self.cfg.velocity_bins)
+
+    def bin_velocity(self, velocity_bin: np.ndarray) -> np.ndarray:
+        width = -(-127 // self.cfg.velocity_bins)
+        return np.minimum(1 + (np.asarray(velocity_bin, np.int64) - 1) * width, 127)
+
+    # -- MIDI -> notes -> ids -------------------------------------------------------
+    def midi_to_notes(self, source: str | os.PathLike | bytes, name: str | None = None) -> Notes:
+        """Read MIDI and return its quantised, sustained notes in steps."""
+        label = name if name is not None else (None if isinstance(source, bytes) else str(source))
+        score = load_score(source, label)
+        notes = score_to_notes(score, label)
+        # Refuse absurd lengths before anything proportional to them is allocated.
+        last = float(notes.end.max()) if len(notes) else 0.0
+        if last > self.cfg.max_seconds:
+            raise MidiError(label, f"absurd length: {last / 3600:.1f} hours (limit tokenizer.max_seconds)")
+        return quantize(notes, self.cfg.steps_per_second)
+
+    def encode_notes(self, notes: Notes) -> np.ndarray:
+        """Quantised notes (steps) -> event ids (no BOS/EOS), uint16.
+
+        Onsets and offsets are sorted by (step, note index, offset after onset) with notes
+        indexed by (start, pitch); gaps become TIME_SHIFTs of at most `max_shift_steps`; a
+        VELOCITY precedes a NOTE_ON whenever the bin differs from the previous NOTE_ON's.
+        """
+        v = self.vocab
+        n = len(notes)
+        if n == 0:
+            return np.zeros(0, np.uint16)
+        # Notes come in encoding order, (start seconds, pitch) as `quantize` leaves them; the
+        # stable sort by step only repairs hand-made input without undoing ties in seconds.
+        order = np.argsort(notes.start, kind="stable")
+        start, end = notes.start[order], notes.end[order]
+        pitch = notes.pitch[order].astype(np.int64)
+        vbin = self.velocity_bin(notes.velocity[order])
+
+        idx = np.arange(n)
+        ev_step = np.concatenate([start, end])
+        ev_idx = np.concatenate([idx, idx])
+        ev_off = np.concatenate([np.zeros(n, bool), np.ones(n, bool)])
+        ev = np.lexsort((ev_off, ev_idx, ev_step))
+        ev_step, ev_idx, ev_off = ev_step[ev], ev_idx[ev], ev_off[ev]
+
+        onset_pos = np.flatnonzero(~ev_off)
+        onset_bins = vbin[ev_idx[onset_pos]]
+        vel_change = np.zeros(len(ev_step), bool)
+        vel_change[onset_pos] = onset_bins != np.concatenate([[0], onset_bins[:-1]])
+
+        # Each event's payload: an optional VELOCITY, then its NOTE_ON / NOTE_OFF.
+        payload_count = vel_change + 1
+        payload = np.empty(int(payload_count.sum()), np.int64)
+        note_at = np.cumsum(payload_count) - 1
+        payload[note_at] = np.where(ev_off, v.note_off, v.note_on) + pitch[ev_idx]
+        payload[note_at[vel_change] - 1] = v.velocity + vbin[ev_idx[vel_change]] - 1
+        out = interleave_time_shifts(np.diff(ev_step, prepend=0), payload, payload_count, v)
+        return out.astype(np.uint16)
+
+    def encode(self, source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
+        """MIDI file (path or bytes) -> event ids without BOS/EOS."""
+        return self.encode_notes(self.midi_to_notes(source, name))
+
+    # -- ids -> notes -> MIDI -------------------------------------------------------
+    def decode_notes(self, ids: np.ndarray) -> Notes:
+        """Event ids -> notes in steps. Specials are ignored.
+
+        A NOTE_OFF closes the oldest open note of its pitch; a stray NOTE_OFF is ignored; a
+        note never closed ends `max_note_seconds` after its start or at the last step,
+        whichever is first; a note closed on its own step is dropped (as note_seq does).
+        """
+        v = self.vocab
+        ids = np.asarray(ids, np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= v.size):
+            bad = ids[(ids < 0) | (ids >= v.size)][0]
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{v.size - 1})")
+        shift = np.where((ids >= v.time_shift) & (ids < v.velocity), ids - v.time_shift + 1, 0)
+        step = np.cumsum(shift)
+        final_step = int(step[-1]) if len(step) else 0
+
+        is_vel = (ids >= v.velocity) & (ids < v.size)
+        vel_pos = np.where(is_vel, np.arange(len(ids)), -1)
+        last_vel = np.maximum.accumulate(vel_pos) if len(ids) else vel_pos
+        cur_bin = np.where(last_vel >= 0, ids[np.maximum(last_vel, 0)] - v.velocity + 1, 0)
+
+        is_on = (ids >= v.note_on) & (ids < v.note_off)
+        is_off = (ids >= v.note_off) & (ids < v.time_shift)
+        pos = np.flatnonzero(is_on | is_off)
+        if len(pos) == 0:
+            return Notes.empty(np.int64)
+        on = is_on[pos]
+        pitch = np.where(on, ids[pos] - v.note_on, ids[pos] - v.note_off)
+        # Group note events by pitch, keeping their order.
+        g = np.lexsort((pos, pitch))
+        pos, on, pitch = pos[g], on[g], pitch[g]
+        group_start = np.flatnonzero(np.diff(pitch, prepend=-1) != 0)
+        group_id = np.cumsum(np.diff(pitch, prepend=-1) != 0) - 1
+        # A NOTE_OFF is stray when no note of its pitch is open. With S the running sum of
+        # +1 (on) / -1 (off) per pitch, the open count is S minus its running minimum
+        # (clipped at 0), and an off is stray exactly when it takes S to a new low.
+        cs = np.cumsum(np.where(on, 1, -1))
+        s = cs - np.concatenate([[0], cs])[group_start][group_id]  # restart at each pitch
+        big = 2 * len(s) + 2
+        shifted = s - group_id * big  # later groups lie lower, so a running min never leaks back
+        low = np.minimum(np.minimum.accumulate(shifted) + group_id * big, 0)
+        low_before = np.concatenate([[0], low[:-1]])
+        low_before[group_start] = 0
+        valid_off = ~on & (s >= low_before)
+        # FIFO: the k-th valid off of a pitch closes its k-th onset.
+        on_rank = _rank_within(on, group_id, group_start)
+        off_rank = _rank_within(valid_off, group_id, group_start)
+        on_global = np.flatnonzero(on)  # onsets in (pitch, order); rank = position in group
+        off_global = np.flatnonzero(valid_off)
+        on_key = group_id[on_global] * (len(pos) + 1) + on_rank[on_global]
+        off_key = group_id[off_global] * (len(pos) + 1) + off_rank[off_global]
+        end_step = np.full(len(on_global), -1, np.int64)
+        match = np.searchsorted(on_key, off_key)  # every valid off has its onset
+        end_step[match] = step[pos[off_global]]
+        start_step = step[pos[on_global]]
+        max_steps = int(round(self.cfg.max_note_seconds * self.cfg.steps_per_second))
+        open_end = np.minimum(start_step + max_steps, final_step)
+        end_step = np.where(end_step < 0, open_end, end_step)
+        on_bin = cur_bin[pos[on_global]]
+        velocity = np.where(on_bin > 0, self.bin_velocity(np.maximum(on_bin, 1)), self.cfg.default_velocity)
+        keep = end_step > start_step
+        notes = Notes(
+            start_step[keep],
+            end_step[keep],
+            pitch[on_global][keep].astype(np.int16),
+            velocity[keep].astype(np.int16),
+        )
+        return notes.sorted()
+
+    def notes_to_score(self, notes: Notes):
+        """Notes in steps -> symusic Score (one piano track, 1 ms per tick)."""
+        from symusic import Note, Score, Tempo, Track
+
+        ms_per_step = 1000 // self.cfg.steps_per_second
+        score = Score(TICKS_PER_QUARTER)
+        score.tempos.append(Tempo(0, mspq=1000 * TICKS_PER_QUARTER))
+        order = np.lexsort((notes.pitch, notes.start))
+        note_list = Note.from_numpy(
+            (notes.start[order] * ms_per_step).astype(np.int32),
+            ((notes.end - notes.start)[order] * ms_per_step).astype(np.int32),
+            notes.pitch[order].astype(np.int8),
+            notes.velocity[order].astype(np.int8),
+        )
+        score.tracks.append(Track(name="Piano", program=0, notes=note_list))
+        return score
+
+    def decode_to_midi(self, ids: np.ndarray, path: str | os.PathLike) -> None:
+        """Write event ids as a MIDI file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.notes_to_score(self.decode_notes(ids)).dump_midi(str(path))
+
+
+# With 480 ticks per quarter at 125 bpm one tick is exactly 1 ms, so steps of 10 ms are exact.
+TICKS_PER_QUARTER = 480
+
+
+def interleave_time_shifts(
+    gap: np.ndarray, payload: np.ndarray, payload_count: np.ndarray, vocab: Vocab
+) -> np.ndarray:
+    """Tokens for a run of events: before event i, TIME_SHIFTs covering `gap[i]` steps (as many
+    TIME_SHIFT(max) as needed, then the remainder), then its `payload_count[i]` tokens from
+    `payload` (all events' payloads back to back)."""
+    max_shift = vocab.cfg.max_shift_steps
+    gap = np.asarray(gap, np.int64)
+    n_full = np.where(gap > 0, (gap - 1) // max_shift, 0)
+    rest = gap - n_full * max_shift  # in (0, max_shift] where gap > 0
+    n_shift = n_full + (rest > 0)
+    count = n_shift + payload_count
+    first = np.cumsum(count) - count
+    out = np.empty(int(count.sum()), np.int64)
+    shift_pos = np.repeat(first, n_shift) + _ramp(n_shift)
+    out[shift_pos] = vocab.time_shift + max_shift - 1
+    has_rest = rest > 0
+    out[(first + n_shift - 1)[has_rest]] = vocab.time_shift + rest[has_rest] - 1
+    out[np.repeat(first + n_shift, payload_count) + _ramp(payload_count)] = payload
+    return out
+
+
+def _ramp(counts: np.ndarray) -> np.ndarray:
+    """0, 1, .., counts[0]-1, 0, 1, .., counts[1]-1, ... (the offset inside each run)."""
+    counts = np.asarray(counts, np.int64)
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _rank_within(mask: np.ndarray, group_id: np.ndarray, group_start: np.ndarray) -> np.ndarray:
+    """For each True in `mask`, its 0-based rank among the Trues of its group."""
+    c = np.cumsum(mask)
+    before_group = np.concatenate([[0], c])[group_start][group_id]
+    return c - before_group - 1
+
+
+def pair_fifo(notes: Notes) -> Notes:
+    """Re-pair same-pitch notes as a decoder does: per pitch, the k-th onset with the k-th end.
+
+    Overlapping notes of one pitch are ambiguous in any note-on/note-off stream; this is
+    the pairing that the decoder recovers, used to state the round-trip guarantee.
+    """
+    if len(notes) == 0:
+        return notes
+    on = np.lexsort((np.arange(len(notes)), notes.start, notes.pitch))
+    off = np.lexsort((notes.end, notes.pitch))
+    return Notes(notes.start[on], notes.end[off], notes.pitch[on], notes.velocity[on]).sorted()

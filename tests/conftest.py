@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASAP = REPO.parent / "shared" / "data" / "asap"
+
+
+@pytest.fixture(scope="session")
+def asap_dir() -> Path:
+    if not ASAP.is_dir():
+        pytest.skip(f"ASAP data not found at {ASAP}")
+    return ASAP
+
+
+@pytest.fixture(scope="session")
+def asap_files(asap_dir) -> list[Path]:
+    return sorted(asap_dir.rglob("*.mid"))
+
+
+def write_midi(path, notes=(), pedals=(), tpq=480, tempos=((0, 480_000),), tracks=None, drum_notes=()):
+    """A MIDI file from notes (start_tick, end_tick, pitch, velocity) and pedals (tick, value).
+
+    The default tempo makes one tick exactly 1 ms. `tracks` (a list of (notes, pedals)) adds
+    more tracks; `drum_notes` adds a drum track.
+    """
+    from symusic import ControlChange, Note, Score, Tempo, Track
+
+    score = Score(tpq)
+    for tick, mspq in tempos:
+        score.tempos.append(Tempo(tick, mspq=mspq))
+    for track_notes, track_pedals in [(notes, pedals), *(tracks or [])]:
+        track = Track(name="piano", program=0)
+        for s, e, p, v in track_notes:
+            track.notes.append(Note(s, e - s, p, v))
+        for t, value in track_pedals:
+            track.controls.append(ControlChange(t, 64, value))
+        score.tracks.append(track)
+    if drum_notes:
+        drums = Track(name="drums", program=0, is_drum=True)
+        for s, e, p, v in drum_notes:
+            drums.notes.append(Note(s, e - s, p, v))
+        score.tracks.append(drums)
+    score.dump_midi(str(path))
+    return Path(path)

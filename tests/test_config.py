@@ -1,0 +1,57 @@
+"""Typed configs: YAML into dataclasses, dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from perceiver_music.config import Config, ConfigError, DataConfig, load_config
+
+
+def test_defaults_and_shipped_config():
+    cfg = load_config()
+    assert cfg == Config()
+    debug = load_config("debug")
+    assert isinstance(debug.data, DataConfig)
+    assert debug.data.max_len < Config().data.max_len
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("data:\n  max_len: 512\n  num_latents: 64\ntokenizer:\n  max_note_seconds: 8\n")
+    cfg = load_config(path, ["data.num_latents=128", "data.segmentation=baseline", "prepare.workers=3"])
+    assert cfg.data.max_len == 512 and cfg.data.num_latents == 128
+    assert cfg.data.segmentation == "baseline" and cfg.prepare.workers == 3
+    assert cfg.tokenizer.max_note_seconds == 8.0 and isinstance(cfg.tokenizer.max_note_seconds, float)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.max_lenn=3"], "unknown config key 'data.max_lenn'"),
+        (["model.width=3"], "unknown config key 'model'"),
+        (["data.max_len=big"], "data.max_len: expected an integer"),
+        (["data.max_len=1.5"], "data.max_len: expected an integer"),
+        (["data.segmentation=random"], "data.segmentation: 'random' is not one of"),
+        (["data.num_latents=5000"], "num_latents must be in"),
+        (["tokenizer.steps_per_second=3"], "must divide 1000"),
+        (["data.max_len"], "not of the form"),
+        (["data=3"], "expected a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="no config named 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
