@@ -1,0 +1,187 @@
+"""Training windows over prepared token data: segmentation and augmentation (DESIGN.md section 4).
+
+A window is `max_len` input tokens; the model predicts the tokens at its last `num_latents`
+positions. Windows never cross a piece boundary: a window that reaches a piece's start is
+left-padded with PAD, and padding is masked out of attention and loss.
+
+* `effective` (PerceiverS, the default): a random END is drawn, so every token of a piece
+  after BOS (its first event included) is a target of some window.
+* `baseline` (Perceiver AR as usually reimplemented): a random START is drawn, so the first
+  `max_len - num_latents` tokens of a piece are never targets.
+
+Window i of a training set is drawn from an RNG seeded by (seed, i), so the stream is the
+same on every run and a resumed run continues exactly where it stopped. Validation windows
+tile every target of every piece exactly once, in a fixed order, without augmentation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from perceiver_music.config import DataConfig, TokenizerConfig
+from perceiver_music.tokens.performance import PAD, Vocab, interleave_time_shifts
+
+
+class TokenData:
+    """One split of a prepared data folder, memory-mapped."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        data_dir = Path(data_dir)
+        meta_path = data_dir / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{data_dir}: no meta.json; run `perceiver-music prepare` first")
+        self.meta = json.loads(meta_path.read_text())
+        self.tokenizer = TokenizerConfig(**self.meta["tokenizer"])
+        self.split = split
+        self.tokens = np.load(data_dir / f"{split}.npy", mmap_mode="r")
+        self.index = np.load(data_dir / f"{split}.index.npy")  # [pieces, 2]: offset, length
+        self.paths = [p["path"] for p in self.meta["pieces"] if p["split"] == split]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def piece(self, i: int) -> np.ndarray:
+        offset, length = self.index[i]
+        return self.tokens[offset : offset + length]
+
+
+@dataclass
+class Window:
+    inputs: np.ndarray  # [max_len] int64, PAD on the left where the piece starts inside
+    targets: np.ndarray  # [num_latents] int64, PAD where there is nothing to predict
+    positions: np.ndarray  # [max_len] int64 position of each input in its piece (0 for PAD)
+    piece: int
+
+
+def window_ends(length: int, cfg: DataConfig) -> tuple[int, int]:
+    """The range [lo, hi] of window ends (exclusive token index) for a piece of `length` tokens.
+
+    A window ending at e has targets tokens[e - num_latents : e] (those at index >= 1) and
+    inputs tokens[e - max_len - 1 : e - 1].
+    """
+    if cfg.segmentation == "effective":
+        return min(length, cfg.num_latents + 1), length
+    full = cfg.max_len + 1
+    return min(length, full), length  # baseline: the window starts in [0, length - full]
+
+
+class WindowDataset:
+    """Windows over a TokenData split; `ds[i]` is a Window.
+
+    train=True: window i is random (seeded by (seed, i)) with augmentation; any i >= 0 is valid
+    and `len()` is the number of distinct windows, a nominal epoch.
+    train=False: the deterministic tiling of every target, no augmentation.
+    """
+
+    def __init__(self, data: TokenData, cfg: DataConfig, train: bool, seed: int = 0):
+        self.data, self.cfg, self.train, self.seed = data, cfg, train, seed
+        self.vocab = Vocab(data.tokenizer)
+        lengths = data.index[:, 1] if len(data) else np.zeros(0, np.int64)
+        lo_hi = [window_ends(int(n), cfg) for n in lengths]
+        self.counts = np.array([hi - lo + 1 for lo, hi in lo_hi], np.int64)
+        self._lo = np.array([lo for lo, _ in lo_hi], np.int64)
+        # Pieces are drawn in proportion to how many windows they hold: every window is equally likely.
+        self._cum = np.cumsum(self.counts)
+        self._val = self._validation_ends(lengths) if not train else None
+
+    def _validation_ends(self, lengths: np.ndarray) -> np.ndarray:
+        """(piece, end) pairs whose targets cover each predictable token exactly once."""
+        rows = []
+        n = self.cfg.num_latents
+        for i, length in enumerate(lengths.tolist()):
+            if self.cfg.segmentation == "effective":
+                ends = range(length, 1, -n)  # targets (e - n, e] cover 1..length-1
+            else:
+                lo = min(length, self.cfg.max_len + 1)
+                ends = range(length, lo - 1, -n) if length > lo else [length]
+            rows.extend((i, e) for e in sorted(ends))
+        return np.array(rows, np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return (
+            int(self._cum[-1])
+            if self.train and len(self._cum)
+            else len(self._val if self._val is not None else [])
+        )
+
+    def __getitem__(self, i: int) -> Window:
+        if not self.train:
+            piece, end = self._val[i]
+            return self._window(int(piece), int(end), None)
+        if len(self._cum) == 0:
+            raise IndexError("no pieces in this split")
+        rng = np.random.default_rng([self.seed, int(i)])
+        piece = int(np.searchsorted(self._cum, rng.integers(self._cum[-1]), side="right"))
+        end = int(self._lo[piece] + rng.integers(self.counts[piece]))
+        return self._window(piece, end, rng)
+
+    def _window(self, piece: int, end: int, rng: np.random.Generator | None) -> Window:
+        cfg = self.cfg
+        tokens = self.data.piece(piece)
+        need = cfg.max_len + 1  # inputs plus the final target
+        if rng is None or (cfg.transpose == 0 and cfg.stretch == 0):
+            chunk = np.asarray(tokens[max(0, end - need) : end], np.int64)
+        else:
+            chunk = self._augmented(tokens, end, need, rng)
+        start = end - len(chunk)  # position of chunk[0] in the piece (approximate if stretched)
+        seq = np.full(need, PAD, np.int64)
+        seq[need - len(chunk) :] = chunk
+        positions = np.zeros(need, np.int64)
+        positions[need - len(chunk) :] = np.arange(max(start, 0), max(start, 0) + len(chunk))
+        targets = seq[-cfg.num_latents :].copy()
+        # A piece's first token (BOS) is never a target: nothing precedes it.
+        targets[seq[-cfg.num_latents - 1 : -1] == PAD] = PAD
+        return Window(inputs=seq[:-1], targets=targets, positions=positions[:-1], piece=piece)
+
+    def _augmented(self, tokens: np.ndarray, end: int, need: int, rng: np.random.Generator) -> np.ndarray:
+        """Transpose and stretch the tokens before `end`, keeping the last `need` of them.
+
+        Stretching can shorten a stretch of tokens, so more are read from before the window
+        until enough are left or the piece start is reached: padding then still means "the
+        piece starts here".
+        """
+        shift = int(rng.integers(-self.cfg.transpose, self.cfg.transpose + 1)) if self.cfg.transpose else 0
+        factor = float(rng.uniform(1 - self.cfg.stretch, 1 + self.cfg.stretch)) if self.cfg.stretch else 1.0
+        margin = need // 4 + 16
+        while True:
+            begin = max(0, end - need - margin)
+            chunk = np.asarray(tokens[begin:end], np.int64)
+            out = stretch(transpose(chunk, shift, self.vocab), factor, self.vocab)
+            if len(out) >= need or begin == 0:
+                return out[-need:]
+            margin *= 2
+
+
+def transpose(tokens: np.ndarray, semitones: int, vocab: Vocab) -> np.ndarray:
+    """Shift every NOTE_ON/NOTE_OFF by `semitones`; notes that leave 0..127 are dropped whole."""
+    if semitones == 0:
+        return tokens
+    tokens = np.asarray(tokens, np.int64)
+    on = (tokens >= vocab.note_on) & (tokens < vocab.note_off)
+    off = (tokens >= vocab.note_off) & (tokens < vocab.time_shift)
+    pitch = np.where(on, tokens - vocab.note_on, tokens - vocab.note_off) + semitones
+    out_of_range = (on | off) & ((pitch < 0) | (pitch > 127))
+    shifted = np.where(on | off, tokens + semitones, tokens)
+    return shifted[~out_of_range]
+
+
+def stretch(tokens: np.ndarray, factor: float, vocab: Vocab) -> np.ndarray:
+    """Scale time by `factor`: every event moves to round(step * factor) and the TIME_SHIFTs
+    between events are re-emitted (at most `max_shift` steps each)."""
+    if factor == 1.0:
+        return tokens
+    tokens = np.asarray(tokens, np.int64)
+    is_shift = (tokens >= vocab.time_shift) & (tokens < vocab.velocity)
+    step = np.cumsum(np.where(is_shift, tokens - vocab.time_shift + 1, 0))
+    events = tokens[~is_shift]
+    # A trailing time shift (a window may end inside a gap) is kept via an end marker.
+    ev_step = np.append(step[~is_shift], step[-1] if len(step) else 0)
+    new_step = np.floor(ev_step * factor + 0.5).astype(np.int64)
+    payload_count = np.ones(len(new_step), np.int64)
+    payload_count[-1] = 0  # the end marker is not a token
+    return interleave_time_shifts(np.diff(new_step, prepend=0), events, payload_count, vocab)

@@ -1,0 +1,55 @@
+"""The command line: tokenize output, module entry point, and a start-up without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from perceiver_music.cli import main
+from perceiver_music.tokens.performance import PerformanceTokenizer
+
+from conftest import write_midi
+
+
+def test_tokenize_folder_to_json(tmp_path, capsys):
+    root = tmp_path / "midi"
+    (root / "sub").mkdir(parents=True)
+    write_midi(root / "a.mid", [(0, 500, 60, 80)])
+    write_midi(root / "sub" / "b.mid", [(0, 100, 62, 100)])
+    (root / "sub" / "bad.mid").write_text("nope")
+    assert main(["tokenize", str(root)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data == {
+        "a.mid": ["VELOCITY:20", "NOTE_ON:60", "TIME_SHIFT:50", "NOTE_OFF:60"],
+        "sub/b.mid": ["VELOCITY:25", "NOTE_ON:62", "TIME_SHIFT:10", "NOTE_OFF:62"],
+    }
+    assert "bad.mid: not a MIDI file" in captured.err
+
+    out = tmp_path / "ids.json"
+    assert main(["tokenize", str(root / "a.mid"), str(root / "sub"), "--ids", "--out", str(out)]) == 0
+    ids = json.loads(out.read_text())
+    vocab = PerformanceTokenizer().vocab
+    assert [vocab.event_name(i) for i in ids["a.mid"]] == data["a.mid"]
+    assert set(ids) == {"a.mid", "b.mid"}
+
+
+def test_tokenize_only_bad_input_fails(tmp_path, capsys):
+    (tmp_path / "x.mid").write_bytes(b"")
+    assert main(["tokenize", str(tmp_path / "x.mid"), str(tmp_path / "missing.mid")]) == 1
+    err = capsys.readouterr().err
+    assert "x.mid: empty file" in err and "missing.mid: no such file or folder" in err
+
+
+def test_module_entry_point_and_no_torch_import(tmp_path):
+    write_midi(tmp_path / "a.mid", [(0, 500, 60, 80)])
+    code = (
+        "import sys; from perceiver_music.cli import main; "
+        f"rc = main(['tokenize', {str(tmp_path / 'a.mid')!r}, '--out', {str(tmp_path / 'o.json')!r}]); "
+        f"main(['prepare', {str(tmp_path)!r}, '--out', {str(tmp_path / 'data')!r}, '--quiet']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "perceiver_music", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "prepare" in done.stdout and "tokenize" in done.stdout
