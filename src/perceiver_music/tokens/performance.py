@@ -129,25 +129,28 @@ class Vocab:
 
 
 def load_score(source: str | os.PathLike | bytes, name: str | None = None):
-    """Parse MIDI with symusic in ticks; any failure becomes a MidiError naming the file."""
+    """Parse MIDI with symusic in ticks; any failure becomes a MidiError naming the file.
+
+    Files are read here and parsed from bytes: symusic's own file reader was seen to accept
+    or reject the same damaged file from one run to the next, its bytes parser was not.
+    """
     from symusic import Score
 
     label = name if name is not None else (None if isinstance(source, bytes) else str(source))
-    try:
-        if isinstance(source, bytes):
-            return Score.from_midi(source)
-        size = os.path.getsize(source)
-        if size == 0:
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise MidiError(label, f"cannot read: {e.strerror or e}") from None
+        if not data:
             raise MidiError(label, "empty file (0 bytes)")
-        with open(source, "rb") as f:
-            head = f.read(4)
-        if head != b"MThd":
-            raise MidiError(label, f"not a MIDI file (starts with {head!r}, expected b'MThd')")
-        return Score(str(source))
-    except MidiError:
-        raise
-    except OSError as e:
-        raise MidiError(label, f"cannot read: {e.strerror or e}") from None
+        if data[:4] != b"MThd":
+            raise MidiError(label, f"not a MIDI file (starts with {data[:4]!r}, expected b'MThd')")
+    try:
+        return Score.from_midi(data)
     except Exception as e:  # symusic raises RuntimeError with a parser message
         msg = str(e).replace("MiniMidi: ", "").replace(": iostream error", "")
         raise MidiError(label, f"corrupt MIDI: {msg}") from None
