@@ -57,7 +57,11 @@ def main() -> None:
         "warm_seconds": round(warm, 2),
         "target_cold_seconds": 60,
         "target_met": cold < 60,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
