@@ -103,11 +103,9 @@ class WindowDataset:
         return np.array(rows, np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
-        return (
-            int(self._cum[-1])
-            if self.train and len(self._cum)
-            else len(self._val if self._val is not None else [])
-        )
+        if not self.train:
+            return len(self._val)
+        return int(self._cum[-1]) if len(self._cum) else 0
 
     def __getitem__(self, i: int) -> Window:
         if not self.train:

@@ -21,6 +21,7 @@ Token ids (with the default settings, vocabulary 391):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def load_score(source: str | os.PathLike | bytes, name: str | None = None):
         raise MidiError(label, f"corrupt MIDI: {msg}") from None
 
 
-def _tick_to_seconds(score) -> callable:
+def _tick_to_seconds(score) -> Callable[[np.ndarray], np.ndarray]:
     """A float64 tick -> seconds map from the score's tempo changes (symusic keeps float32)."""
     tpq = int(score.ticks_per_quarter)
     if tpq <= 0:
