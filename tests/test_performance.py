@@ -179,6 +179,14 @@ def test_several_tracks_sustain_per_track_and_no_drums(tmp_path):
     ]  # fmt: skip
 
 
+def test_drum_events_count_for_the_end_of_the_piece(tmp_path):
+    # A note still under the pedal at the end lasts to the last event of any track (note_seq).
+    path = write_midi(
+        tmp_path / "a.mid", [(0, 100, 60, 80)], pedals=[(50, 127)], drum_notes=[(0, 2000, 36, 100)]
+    )
+    assert events(path) == ["VELOCITY:20", "NOTE_ON:60", "TIME_SHIFT:100", "TIME_SHIFT:100", "NOTE_OFF:60"]
+
+
 def test_simultaneous_onsets_ordered_by_pitch(tmp_path):
     path = write_midi(tmp_path / "a.mid", [(0, 100, 67, 80), (0, 100, 60, 80), (0, 100, 64, 80)])
     assert events(path) == [

@@ -236,13 +236,11 @@ def score_to_notes(score, source: str | None = None) -> Notes:
     except MidiError as e:
         raise MidiError(source, e.reason) from None
     per_track = []
+    # Notes held by the pedal at the end end at the last note or pedal event of ANY track,
+    # drums and note-less tracks included, as in note_seq.
     last_event = 0.0
     for track in score.tracks:
-        if track.is_drum:
-            continue
         nt = track.notes.numpy()
-        if len(nt["time"]) == 0:
-            continue
         on_tick = nt["time"].astype(np.int64)
         start = to_sec(on_tick)
         end = to_sec(on_tick + np.maximum(nt["duration"].astype(np.int64), 0))
@@ -250,7 +248,9 @@ def score_to_notes(score, source: str | None = None) -> Notes:
         is_sustain = cc["number"] == 64
         pedal_time = to_sec(cc["time"][is_sustain].astype(np.int64))
         pedal_down = cc["value"][is_sustain] >= 64
-        last_event = max(last_event, float(end.max()), float(pedal_time.max(initial=0.0)))
+        last_event = max(last_event, float(end.max(initial=0.0)), float(pedal_time.max(initial=0.0)))
+        if track.is_drum or len(start) == 0:
+            continue
         notes = Notes(start, end, nt["pitch"].astype(np.int16), nt["velocity"].astype(np.int16))
         per_track.append((notes, pedal_time, pedal_down))
     if not per_track:
