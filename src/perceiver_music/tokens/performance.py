@@ -199,10 +199,16 @@ def apply_sustain(notes: Notes, pedal_time: np.ndarray, pedal_down: np.ndarray, 
     release, and the first later onset of its pitch that happens with the pedal down.
     """
     n = len(notes)
-    if n == 0 or len(pedal_time) == 0:
+    if n == 0:
         return notes
     order = np.lexsort((~pedal_down, pedal_time))  # by time, downs before ups
     p_time, p_down = pedal_time[order], pedal_down[order]
+    # Keep only changes of state (CC64 streams are mostly repeats): the pedal state at any
+    # time, and the first release after a time the pedal is down, are the same without them.
+    change = p_down != np.concatenate([[False], p_down[:-1]])
+    p_time, p_down = p_time[change], p_down[change]
+    if len(p_time) == 0:  # the pedal never went down
+        return notes
     up_times = p_time[~p_down]
 
     def pedal_is_down(t: np.ndarray) -> np.ndarray:
