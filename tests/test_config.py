@@ -12,14 +12,23 @@ def test_defaults_and_shipped_config():
     assert cfg == Config()
     debug = load_config("debug")
     assert isinstance(debug.data, DataConfig)
-    assert debug.data.max_len < Config().data.max_len
+    assert debug.model.max_len < Config().model.max_len
+    assert debug.model.scales == ["full", 64] and debug.model.window_sizes() == [None, 64]
 
 
 def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("data:\n  max_len: 512\n  num_latents: 64\ntokenizer:\n  max_note_seconds: 8\n")
-    cfg = load_config(path, ["data.num_latents=128", "data.segmentation=baseline", "prepare.workers=3"])
-    assert cfg.data.max_len == 512 and cfg.data.num_latents == 128
+    path.write_text("model:\n  max_len: 512\n  num_latents: 64\ntokenizer:\n  max_note_seconds: 8\n")
+    cfg = load_config(
+        path,
+        [
+            "model.num_latents=128",
+            "data.segmentation=baseline",
+            "prepare.workers=3",
+            "model.scales=[full, 32]",
+        ],
+    )
+    assert cfg.model.max_len == 512 and cfg.model.num_latents == 128 and cfg.model.scales == ["full", 32]
     assert cfg.data.segmentation == "baseline" and cfg.prepare.workers == 3
     assert cfg.tokenizer.max_note_seconds == 8.0 and isinstance(cfg.tokenizer.max_note_seconds, float)
 
@@ -27,14 +36,17 @@ def test_yaml_file_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.max_lenn=3"], "unknown config key 'data.max_lenn'"),
-        (["model.width=3"], "unknown config key 'model'"),
-        (["data.max_len=big"], "data.max_len: expected an integer"),
-        (["data.max_len=1.5"], "data.max_len: expected an integer"),
+        (["model.max_lenn=3"], "unknown config key 'model.max_lenn'"),
+        (["optimizer.lr=3"], "unknown config key 'optimizer'"),
+        (["model.max_len=big"], "model.max_len: expected an integer"),
+        (["model.max_len=1.5"], "model.max_len: expected an integer"),
         (["data.segmentation=random"], "data.segmentation: 'random' is not one of"),
-        (["data.num_latents=5000"], "num_latents must be in"),
+        (["model.num_latents=5000"], "num_latents must be in"),
+        (["model.scales=[full, -3]"], "neither 'full' nor a positive window"),
+        (["model.width=100", "model.heads=8"], "multiple of model.heads"),
+        (["train.lr=0"], "train.lr must be positive"),
         (["tokenizer.steps_per_second=3"], "must divide 1000"),
-        (["data.max_len"], "not of the form"),
+        (["model.max_len"], "not of the form"),
         (["data=3"], "expected a mapping"),
     ],
 )

@@ -44,9 +44,13 @@ def fake_data(tmp_path, lengths, split="train"):
 @pytest.mark.parametrize("segmentation", ["effective", "baseline"])
 def test_windows_are_contiguous_and_never_mix_pieces(tmp_path, segmentation):
     data = fake_data(tmp_path, [40, 7, 300, 120])
-    cfg = DataConfig(max_len=64, num_latents=16, segmentation=segmentation, transpose=0, stretch=0)
+    cfg = (
+        DataConfig(segmentation=segmentation, transpose=0, stretch=0),
+        64,
+        16,
+    )  # data config, max_len, num_latents
     for train in (True, False):
-        ds = WindowDataset(data, cfg, train=train, seed=3)
+        ds = WindowDataset(data, *cfg, train=train, seed=3)
         for i in range(min(len(ds), 400)):
             w = ds[i]
             assert w.inputs.shape == (64,) and w.targets.shape == (16,) and w.positions.shape == (64,)
@@ -67,8 +71,12 @@ def test_windows_are_contiguous_and_never_mix_pieces(tmp_path, segmentation):
 def test_effective_covers_every_target_including_the_first_event(tmp_path):
     lengths = [5, 17, 64, 200]
     data = fake_data(tmp_path, lengths)
-    cfg = DataConfig(max_len=48, num_latents=16, segmentation="effective", transpose=0, stretch=0)
-    ds = WindowDataset(data, cfg, train=True, seed=0)
+    cfg = (
+        DataConfig(segmentation="effective", transpose=0, stretch=0),
+        48,
+        16,
+    )  # data config, max_len, num_latents
+    ds = WindowDataset(data, *cfg, train=True, seed=0)
     covered = {k: set() for k in range(len(lengths))}
     for i in range(4000):
         w = ds[i]
@@ -83,8 +91,12 @@ def test_effective_covers_every_target_including_the_first_event(tmp_path):
 
 def test_baseline_never_targets_the_opening(tmp_path):
     data = fake_data(tmp_path, [200])
-    cfg = DataConfig(max_len=48, num_latents=16, segmentation="baseline", transpose=0, stretch=0)
-    ds = WindowDataset(data, cfg, train=True, seed=0)
+    cfg = (
+        DataConfig(segmentation="baseline", transpose=0, stretch=0),
+        48,
+        16,
+    )  # data config, max_len, num_latents
+    ds = WindowDataset(data, *cfg, train=True, seed=0)
     first_targets = set()
     for i in range(2000):
         w = ds[i]
@@ -97,9 +109,9 @@ def test_baseline_never_targets_the_opening(tmp_path):
 def test_validation_tiles_each_target_exactly_once_and_is_deterministic(tmp_path):
     lengths = [5, 17, 64, 200, 33]
     data = fake_data(tmp_path, lengths)
-    cfg = DataConfig(max_len=48, num_latents=16)
-    a = WindowDataset(data, cfg, train=False)
-    b = WindowDataset(data, cfg, train=False)
+    cfg = (DataConfig(), 48, 16)  # data config, max_len, num_latents
+    a = WindowDataset(data, *cfg, train=False)
+    b = WindowDataset(data, *cfg, train=False)
     seen = {k: [] for k in range(len(lengths))}
     for i in range(len(a)):
         wa, wb = a[i], b[i]
@@ -113,9 +125,9 @@ def test_validation_tiles_each_target_exactly_once_and_is_deterministic(tmp_path
 
 def test_training_windows_depend_only_on_seed_and_index(tmp_path):
     data = fake_data(tmp_path, [100, 300])
-    cfg = DataConfig(max_len=32, num_latents=8)
-    a, b = WindowDataset(data, cfg, True, seed=1), WindowDataset(data, cfg, True, seed=1)
-    c = WindowDataset(data, cfg, True, seed=2)
+    cfg = (DataConfig(), 32, 8)  # data config, max_len, num_latents
+    a, b = WindowDataset(data, *cfg, True, seed=1), WindowDataset(data, *cfg, True, seed=1)
+    c = WindowDataset(data, *cfg, True, seed=2)
     assert all(np.array_equal(a[i].inputs, b[i].inputs) for i in (0, 7, 12345))
     assert any(not np.array_equal(a[i].inputs, c[i].inputs) for i in range(10))
 
@@ -173,7 +185,7 @@ def test_augmented_windows_stay_well_formed(asap_dir, tmp_path):
         sub, tmp_path / "data", PrepareConfig(split="hash", valid_fraction=0, test_fraction=0), progress=False
     )
     data = TokenData(tmp_path / "data", "train")
-    ds = WindowDataset(data, DataConfig(max_len=256, num_latents=64, transpose=3, stretch=0.05), True, seed=0)
+    ds = WindowDataset(data, DataConfig(transpose=3, stretch=0.05), 256, 64, True, seed=0)
     for i in range(200):
         w = ds[i]
         real = w.inputs != PAD

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses are the one source of truth; YAML loads into them.
 
 A config is built from defaults, then a YAML file (a shipped name such as `debug` or a path),
-then dotted command-line overrides such as `data.max_len=2048`. Unknown keys and values of
+then dotted command-line overrides such as `model.max_len=2048`. Unknown keys and values of
 the wrong type are errors that name the key.
 """
 
@@ -71,19 +71,103 @@ class PrepareConfig:
 
 @dataclass
 class DataConfig:
-    """Training windows (DESIGN.md section 4)."""
+    """Training windows (DESIGN.md section 4); their size is the model's max_len / num_latents."""
 
-    max_len: int = 1024  # inputs per window
-    num_latents: int = 256  # targets per window: the last num_latents positions
     segmentation: Literal["effective", "baseline"] = "effective"
     transpose: int = 3  # augmentation: uniform shift in [-transpose, transpose] semitones
     stretch: float = 0.05  # augmentation: time factor uniform in [1 - stretch, 1 + stretch]
 
     def __post_init__(self) -> None:
-        if self.max_len < 1 or not 1 <= self.num_latents <= self.max_len:
-            raise ConfigError("data.num_latents must be in 1..data.max_len")
         if self.transpose < 0 or not 0 <= self.stretch < 1:
             raise ConfigError("data.transpose must be >= 0 and data.stretch in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """Perceiver AR / PerceiverS / Transformer baseline (DESIGN.md section 5)."""
+
+    arch: Literal["perceiver_ar", "transformer"] = "perceiver_ar"
+    vocab_size: int = 391
+    max_len: int = 1024  # input tokens per window (the context)
+    num_latents: int = 256  # positions predicted per window: the last num_latents
+    width: int = 512
+    heads: int = 8
+    layers: int = 6  # causal self-attention layers (over the latents for Perceiver AR)
+    mlp_ratio: int = 4
+    # PerceiverS multi-scale cascade: one cross-attention layer per entry, "full" or a window of
+    # that many inputs; ["full"] is Perceiver AR, ["full", 1024] PerceiverS.
+    scales: list[int | str] = field(default_factory=lambda: ["full"])
+    scale_mode: Literal["relative", "absolute"] = "relative"  # window per query / last W of the input
+    rotary_fraction: float = 0.5  # of each head's dims
+    rotary_base: float = 10000.0
+    dropout: float = 0.1
+    prefix_dropout: float = 0.0  # fraction of the non-latent inputs dropped while training
+    z_loss: float = 1e-4
+    checkpoint_activations: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1 or not 1 <= self.num_latents <= self.max_len:
+            raise ConfigError("model.num_latents must be in 1..model.max_len")
+        if self.width % self.heads:
+            raise ConfigError("model.width must be a multiple of model.heads")
+        if self.arch == "transformer" and self.num_latents != self.max_len:
+            raise ConfigError("model.arch=transformer predicts every position: set num_latents = max_len")
+        if not self.scales:
+            raise ConfigError("model.scales needs at least one entry")
+        for s in self.scales:
+            if not (s == "full" or (isinstance(s, int) and s > 0)):
+                raise ConfigError(f"model.scales: {s!r} is neither 'full' nor a positive window size")
+        if not 0 <= self.rotary_fraction <= 1:
+            raise ConfigError("model.rotary_fraction must be in [0, 1]")
+        if not (0 <= self.dropout < 1 and 0 <= self.prefix_dropout < 1):
+            raise ConfigError("model.dropout and model.prefix_dropout must be in [0, 1)")
+
+    def window_sizes(self) -> list[int | None]:
+        """`scales` as window sizes, None for full."""
+        return [None if s == "full" else int(s) for s in self.scales]
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (one file: train.py)."""
+
+    steps: int = 10_000
+    batch_size: int = 8  # windows per optimizer step and process, before accumulation
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 500
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    eval_windows: int = 256  # validation windows per evaluation (evenly spaced, always the same)
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    threads: int = 0  # CPU threads (0: torch's default)
+    num_workers: int = 0  # data-loading processes
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "log_every",
+            "ckpt_every",
+            "keep_last",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("train.lr must be positive and train.min_lr in [0, lr]")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.eval_windows < 1:
+            raise ConfigError("train.warmup_steps and grad_clip must be >= 0, eval_windows >= 1")
 
 
 @dataclass
@@ -91,6 +175,8 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -58,16 +58,15 @@ class Window:
     piece: int
 
 
-def window_ends(length: int, cfg: DataConfig) -> tuple[int, int]:
+def window_ends(length: int, segmentation: str, max_len: int, num_latents: int) -> tuple[int, int]:
     """The range [lo, hi] of window ends (exclusive token index) for a piece of `length` tokens.
 
     A window ending at e has targets tokens[e - num_latents : e] (those at index >= 1) and
     inputs tokens[e - max_len - 1 : e - 1].
     """
-    if cfg.segmentation == "effective":
-        return min(length, cfg.num_latents + 1), length
-    full = cfg.max_len + 1
-    return min(length, full), length  # baseline: the window starts in [0, length - full]
+    if segmentation == "effective":
+        return min(length, num_latents + 1), length
+    return min(length, max_len + 1), length  # baseline: the window starts in [0, length - max_len - 1]
 
 
 class WindowDataset:
@@ -78,11 +77,16 @@ class WindowDataset:
     train=False: the deterministic tiling of every target, no augmentation.
     """
 
-    def __init__(self, data: TokenData, cfg: DataConfig, train: bool, seed: int = 0):
+    def __init__(
+        self, data: TokenData, cfg: DataConfig, max_len: int, num_latents: int, train: bool, seed: int = 0
+    ):
+        if not 1 <= num_latents <= max_len:
+            raise ValueError(f"num_latents ({num_latents}) must be in 1..max_len ({max_len})")
         self.data, self.cfg, self.train, self.seed = data, cfg, train, seed
+        self.max_len, self.num_latents = max_len, num_latents
         self.vocab = Vocab(data.tokenizer)
         lengths = data.index[:, 1] if len(data) else np.zeros(0, np.int64)
-        lo_hi = [window_ends(int(n), cfg) for n in lengths]
+        lo_hi = [window_ends(int(n), cfg.segmentation, max_len, num_latents) for n in lengths]
         self.counts = np.array([hi - lo + 1 for lo, hi in lo_hi], np.int64)
         self._lo = np.array([lo for lo, _ in lo_hi], np.int64)
         # Pieces are drawn in proportion to how many windows they hold: every window is equally likely.
@@ -92,12 +96,12 @@ class WindowDataset:
     def _validation_ends(self, lengths: np.ndarray) -> np.ndarray:
         """(piece, end) pairs whose targets cover each predictable token exactly once."""
         rows = []
-        n = self.cfg.num_latents
+        n = self.num_latents
         for i, length in enumerate(lengths.tolist()):
             if self.cfg.segmentation == "effective":
                 ends = range(length, 1, -n)  # targets (e - n, e] cover 1..length-1
             else:
-                lo = min(length, self.cfg.max_len + 1)
+                lo = min(length, self.max_len + 1)
                 ends = range(length, lo - 1, -n) if length > lo else [length]
             rows.extend((i, e) for e in sorted(ends))
         return np.array(rows, np.int64).reshape(-1, 2)
@@ -121,7 +125,7 @@ class WindowDataset:
     def _window(self, piece: int, end: int, rng: np.random.Generator | None) -> Window:
         cfg = self.cfg
         tokens = self.data.piece(piece)
-        need = cfg.max_len + 1  # inputs plus the final target
+        need = self.max_len + 1  # inputs plus the final target
         if rng is None or (cfg.transpose == 0 and cfg.stretch == 0):
             chunk = np.asarray(tokens[max(0, end - need) : end], np.int64)
         else:
@@ -131,9 +135,9 @@ class WindowDataset:
         seq[need - len(chunk) :] = chunk
         positions = np.zeros(need, np.int64)
         positions[need - len(chunk) :] = np.arange(max(start, 0), max(start, 0) + len(chunk))
-        targets = seq[-cfg.num_latents :].copy()
+        targets = seq[-self.num_latents :].copy()
         # A piece's first token (BOS) is never a target: nothing precedes it.
-        targets[seq[-cfg.num_latents - 1 : -1] == PAD] = PAD
+        targets[seq[-self.num_latents - 1 : -1] == PAD] = PAD
         return Window(inputs=seq[:-1], targets=targets, positions=positions[:-1], piece=piece)
 
     def _augmented(self, tokens: np.ndarray, end: int, need: int, rng: np.random.Generator) -> np.ndarray:
