@@ -1,0 +1,19 @@
+"""Models: Perceiver AR / PerceiverS (perceiver_ar.py) and the Transformer baseline."""
+
+from __future__ import annotations
+
+from perceiver_music.config import ModelConfig
+from perceiver_music.model.base import TokenModel
+
+
+def build_model(cfg: ModelConfig) -> TokenModel:
+    if cfg.arch == "perceiver_ar":
+        from perceiver_music.model.perceiver_ar import PerceiverAR
+
+        return PerceiverAR(cfg)
+    from perceiver_music.model.transformer import Transformer
+
+    return Transformer(cfg)
+
+
+__all__ = ["ModelConfig", "TokenModel", "build_model"]

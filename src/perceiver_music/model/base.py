@@ -1,0 +1,55 @@
+"""What every token model here shares: weight initialisation, the loss, parameter counts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from perceiver_music.config import ModelConfig
+from perceiver_music.tokens.performance import PAD
+
+
+class TokenModel(nn.Module):
+    """A model mapping tokens [B, L] and their positions [B, L] to logits [B, N, vocab] for the
+    last N positions (N = num_latents unless given)."""
+
+    cfg: ModelConfig
+
+    def init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over non-PAD targets, plus z-loss (log Z)^2 if configured."""
+        logits = logits.float()
+        valid = targets != PAD
+        if not valid.any():
+            return logits.sum() * 0.0
+        flat = logits[valid]  # [T, V]
+        loss = F.cross_entropy(flat, targets[valid])
+        if self.cfg.z_loss > 0:
+            loss = loss + self.cfg.z_loss * flat.logsumexp(-1).square().mean()
+        return loss
+
+    def run_block(self, block: nn.Module, *args) -> Tensor:
+        """A block call, recomputed in the backward pass when activation checkpointing is on."""
+        if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def nll_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed negative log-likelihood (nats) of the non-PAD targets and their count."""
+    valid = targets != PAD
+    nll = F.cross_entropy(logits.float()[valid], targets[valid], reduction="sum")
+    return nll, valid.sum()
