@@ -31,6 +31,7 @@ def test_yaml_file_and_overrides(tmp_path):
     assert cfg.model.max_len == 512 and cfg.model.num_latents == 128 and cfg.model.scales == ["full", 32]
     assert cfg.data.segmentation == "baseline" and cfg.prepare.workers == 3
     assert cfg.tokenizer.max_note_seconds == 8.0 and isinstance(cfg.tokenizer.max_note_seconds, float)
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize(

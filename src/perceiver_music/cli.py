@@ -88,6 +88,42 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from perceiver_music.config import load_config
+
+    run_dir = Path(args.out)
+    saved = run_dir / "config.json"
+    if args.resume and saved.is_file():
+        # The run's own config, unless the same command is given again; the model and data
+        # must not change under a run, the training schedule may (e.g. more steps).
+        cfg = load_config(args.config or saved, args.overrides)
+        before = load_config(saved)
+        changed = [s for s in ("model", "data", "tokenizer") if getattr(cfg, s) != getattr(before, s)]
+        if changed:
+            return _fail(
+                f"--resume: the {' and '.join(changed)} settings differ from {saved}; "
+                "a run cannot change them (start a new run, or drop --config)"
+            )
+    else:
+        if not args.config:
+            return _fail("train needs --config (a shipped name such as debug, or a YAML file)")
+        cfg = load_config(args.config, args.overrides)
+    if not (Path(args.data) / "meta.json").is_file():
+        return _fail(
+            f"{args.data}: not a prepared data folder (no meta.json); run `perceiver-music prepare` first"
+        )
+    from perceiver_music.train import train
+
+    result = train(cfg, args.data, run_dir, resume=args.resume, progress=not args.quiet)
+    best = (
+        f", best validation NLL {result.best_val_nll:.4f} nats/token"
+        if result.best_val_nll is not None
+        else ""
+    )
+    print(f"trained to step {result.step}: loss {result.last_loss:.4f}{best}; run in {run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perceiver-music",
@@ -134,12 +170,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="train Perceiver AR / PerceiverS / the Transformer baseline",
+        description="Train from a config (a shipped name or a YAML file) with dotted "
+        "overrides. Multi-GPU: torchrun --nproc_per_node N -m perceiver_music train ...",
+    )
+    p.add_argument("--data", required=True, metavar="DATA_DIR", help="a folder made by `prepare`")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from RUN_DIR's last checkpoint (its config.json unless --config is given; "
+        "train.* may change, model/data may not)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positionals at the first option, so `train ... a=1 --resume b=2`
+    # leaves b=2 over: overrides may come anywhere on the line.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

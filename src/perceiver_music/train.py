@@ -1,0 +1,391 @@
+"""The training loop: one readable function, on CPU, one GPU, or many through torchrun (DDP).
+
+    perceiver-music train --config debug --data DATA_DIR --out RUN_DIR [--resume] [key=value ...]
+    torchrun --nproc_per_node 4 -m perceiver_music train --config ... (one process per GPU)
+
+Every optimizer step sees `batch_size * grad_accum * world_size` windows. Window i of the
+training stream is fixed by (seed, i) (see data/windows.py), so the data position is just the
+step, and a resumed run sees exactly the windows, dropout masks and learning rates that an
+uninterrupted run would have seen.
+
+RUN_DIR gets config.json, log.jsonl and log.csv (one row per log or evaluation), loss.png,
+checkpoints/step_*/ (the last `keep_last`) and best/ (the best validation NLL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from perceiver_music import checkpoint as ckpt_io
+from perceiver_music.config import Config, ConfigError, TrainConfig
+from perceiver_music.data.windows import TokenData, WindowDataset
+from perceiver_music.model import build_model
+from perceiver_music.model.base import nll_sum
+from perceiver_music.tokens.performance import PAD
+
+LOG_FIELDS = ["step", "kind", "loss", "val_nll", "val_bits", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_loss: float
+    best_val_nll: float | None
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item k is the k-th micro-batch of this process, collated to tensors."""
+
+    def __init__(self, windows: WindowDataset, batch_size: int, rank: int, world: int):
+        self.windows, self.batch_size, self.rank, self.world = windows, batch_size, rank, world
+
+    def __len__(self) -> int:  # the stream is endless; the sampler decides what is read
+        return 2**62
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        first = (k * self.world + self.rank) * self.batch_size
+        return collate([self.windows[i] for i in range(first, first + self.batch_size)])
+
+
+def collate(windows) -> dict[str, torch.Tensor]:
+    return {
+        "inputs": torch.from_numpy(np.stack([w.inputs for w in windows])),
+        "positions": torch.from_numpy(np.stack([w.positions for w in windows])),
+        "targets": torch.from_numpy(np.stack([w.targets for w in windows])),
+    }
+
+
+def _setup_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_windows(model, windows: WindowDataset, indices, batch_size, device, precision, rank=0, world=1):
+    """Validation NLL in nats per token over the given windows (split across processes)."""
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    mine = indices[rank::world]
+    for start in range(0, len(mine), batch_size):
+        batch = collate([windows[int(i)] for i in mine[start : start + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, precision):
+            logits = model(batch["inputs"], batch["positions"])
+        nll, n = nll_sum(logits, batch["targets"])
+        total += nll.double().cpu()
+        count += n.double().cpu()
+    if world > 1:
+        both = torch.stack([total, count]).to(device)
+        dist.all_reduce(both)
+        total, count = both[0].cpu(), both[1].cpu()
+    model.train()
+    return (total / count).item() if count > 0 else float("nan"), int(count.item())
+
+
+def train(
+    cfg: Config,
+    data_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    t = cfg.train
+    rank, world, local_rank = _setup_distributed()
+    main_process = rank == 0
+    device = _device(t, local_rank)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    run_dir = Path(run_dir)
+
+    train_data, valid_data = TokenData(data_dir, "train"), TokenData(data_dir, "valid")
+    if train_data.meta["vocab_size"] != cfg.model.vocab_size:
+        raise ConfigError(
+            f"{data_dir}: vocabulary of {train_data.meta['vocab_size']} tokens, but "
+            f"model.vocab_size is {cfg.model.vocab_size}"
+        )
+    if len(train_data) == 0:
+        raise ConfigError(f"{data_dir}: the train split has no pieces")
+    m = cfg.model
+    train_windows = WindowDataset(train_data, cfg.data, m.max_len, m.num_latents, train=True, seed=t.seed)
+    valid_windows = WindowDataset(
+        valid_data if len(valid_data) else train_data, cfg.data, m.max_len, m.num_latents, train=False
+    )
+    # The same evenly spaced validation windows at every evaluation.
+    eval_idx = np.unique(
+        np.linspace(0, len(valid_windows) - 1, min(t.eval_windows, len(valid_windows))).astype(int)
+    )
+
+    torch.manual_seed(t.seed + rank)
+    model = build_model(m).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        fused=device.type == "cuda",
+    )
+
+    step, best, log_rows = 0, None, []
+    latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
+    if resume and latest is None and main_process:
+        print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
+    if latest is not None:
+        trainer = ckpt_io.read_training_state(latest, model, optimizer, rank)
+        step, best = trainer["step"], trainer.get("best_val_nll")
+        log_rows = _read_log(run_dir, upto=step)
+        if main_process:
+            print(f"resumed from {latest} at step {step}")
+    elif main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(ckpt_io.config_dict(cfg), indent=1))
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    if main_process:
+        _write_logs(run_dir, log_rows)  # drop rows a killed run logged after its last checkpoint
+
+    loader = torch.utils.data.DataLoader(
+        _Batches(train_windows, t.batch_size, rank, world),
+        batch_size=None,
+        sampler=range(step * t.grad_accum, t.steps * t.grad_accum),
+        num_workers=t.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # leave the global RNG (dropout) alone
+        persistent_workers=False,
+    )
+    batches = iter(loader)
+    board = _tensorboard(run_dir) if main_process else None
+    bar = None
+    if progress and main_process:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    model.train()
+    t_log, tokens_since, loss = time.perf_counter(), 0, float("nan")
+    start_time = time.perf_counter()
+    while step < t.steps:
+        lr = learning_rate(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(t.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            sync = micro == t.grad_accum - 1 or world == 1
+            with net.no_sync() if not sync else contextlib.nullcontext(), _autocast(device, t.precision):
+                logits = net(batch["inputs"], batch["positions"])
+                micro_loss = model.loss(logits, batch["targets"]) / t.grad_accum
+            micro_loss.backward()
+            loss_sum += micro_loss.item()
+            tokens_since += int((batch["targets"] != PAD).sum()) * world
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss = loss_sum
+        if world > 1:
+            reduced = torch.tensor([loss], device=device)
+            dist.all_reduce(reduced)
+            loss = reduced.item() / world
+
+        if step % t.log_every == 0 or step == t.steps:
+            now = time.perf_counter()
+            row = {
+                "step": step,
+                "kind": "train",
+                "loss": round(loss, 6),
+                "lr": lr,
+                "grad_norm": round(float(grad_norm), 4),
+                "tokens_per_s": round(tokens_since / (now - t_log), 1),
+                "elapsed_s": round(now - start_time, 2),
+            }
+            t_log, tokens_since = now, 0
+            log_rows.append(row)
+            if main_process:
+                _append_log(run_dir, row, board)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+
+        if step % t.eval_every == 0 or step == t.steps:
+            nll, n = evaluate_windows(
+                net, valid_windows, eval_idx, t.batch_size, device, t.precision, rank, world
+            )
+            row = {
+                "step": step,
+                "kind": "valid",
+                "val_nll": round(nll, 6),
+                "val_bits": round(nll / math.log(2), 6),
+                "elapsed_s": round(time.perf_counter() - start_time, 2),
+            }
+            log_rows.append(row)
+            improved = best is None or nll < best
+            best = nll if improved else best
+            if main_process:
+                _append_log(run_dir, row, board)
+                if improved:
+                    ckpt_io.save_best(run_dir, model, cfg, {"step": step, "val_nll": nll, "val_tokens": n})
+                _plot(run_dir, log_rows)
+                if bar is not None:
+                    bar.write(
+                        f"step {step}: validation {nll:.4f} nats/token ({nll / math.log(2):.4f} bits) "
+                        f"over {n} tokens"
+                    )
+
+        if step % t.ckpt_every == 0 or step == t.steps:
+            _save(run_dir, step, best, model, optimizer, cfg, rank, world, t.keep_last)
+
+    if bar is not None:
+        bar.close()
+    if board is not None:
+        board.close()
+    if main_process:
+        _plot(run_dir, log_rows)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(run_dir, step, loss, best)
+
+
+def _save(run_dir, step, best, model, optimizer, cfg, rank, world, keep_last) -> None:
+    root = run_dir / "checkpoints"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    staging = ckpt_io.staging_dir(root, step)
+    ckpt_io.write_rng(staging, rank)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        ckpt_io.write_checkpoint(staging, model, optimizer, {"step": step, "best_val_nll": best}, cfg)
+        ckpt_io.publish(staging, keep_last)
+    if world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- logs and plots
+
+
+def _append_log(run_dir: Path, row: dict, board=None) -> None:
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    with open(run_dir / "log.csv", "a", newline="") as f:
+        csv.DictWriter(f, LOG_FIELDS).writerow(row)
+    if board is not None:
+        for key, value in row.items():
+            if key not in ("step", "kind") and isinstance(value, (int, float)):
+                board.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer in run_dir/tensorboard when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _read_log(run_dir: Path, upto: int) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+            row = json.loads(line)
+            if row["step"] <= upto:
+                rows.append(row)
+    return rows
+
+
+def _write_logs(run_dir: Path, rows: list[dict]) -> None:
+    with open(run_dir / "log.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(run_dir / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(run_dir: Path, rows: list[dict]) -> None:
+    """loss.png: training loss and validation NLL over steps."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    valid_rows = [r for r in rows if r["kind"] == "valid"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train_rows:
+        ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1, label="train loss")
+    if valid_rows:
+        ax.plot(
+            [r["step"] for r in valid_rows],
+            [r["val_nll"] for r in valid_rows],
+            "o-",
+            lw=1.5,
+            label="validation NLL (nats/token)",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / "loss.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, run_dir / "loss.png")
