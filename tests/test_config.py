@@ -68,3 +68,22 @@ def test_bad_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "name", ["debug", "asap_cpu", "perceiver_ar_maestro", "perceivers_maestro", "transformer_maestro"]
+)
+def test_shipped_configs_load_and_build(name):
+    import torch
+
+    from perceiver_music.model import build_model
+
+    cfg = load_config(name)
+    with torch.device("meta"):  # shapes only: the paper-sized models would take gigabytes
+        model = build_model(cfg.model)
+    assert model.num_params() > 0
+    if name.startswith("perceivers"):
+        assert cfg.model.scales == ["full", 1024] and cfg.data.segmentation == "effective"
+    if name.startswith("perceiver_ar_"):
+        assert cfg.model.scales == ["full"] and cfg.data.segmentation == "baseline"
+        assert (cfg.model.max_len, cfg.model.num_latents) == (32768, 1024)
