@@ -42,6 +42,11 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
+def causal_mask(pos: Tensor, pad: Tensor) -> Tensor | None:
+    """Self-attention mask over consecutive positions: None (plainly causal) without padding."""
+    return attention_mask(pos, pos, pad, pad) if bool(pad.any()) else None
+
+
 def attention_mask(
     q_pos: Tensor, k_pos: Tensor, k_pad: Tensor, q_pad: Tensor | None = None, window: int | None = None
 ) -> Tensor:
@@ -82,13 +87,14 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, rotary: Rotary, cos_sin) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, rotary: Rotary, cos_sin) -> Tensor:
+        """mask None means plainly causal: SDPA then skips the blocks above the diagonal."""
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, T, E]
         q, k = rotary.rotate(q, cos_sin), rotary.rotate(k, cos_sin)
         p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         return self.resid_dropout(self.out(o.transpose(1, 2).reshape(B, T, D)))
 
 
@@ -126,7 +132,7 @@ class SelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, rotary: Rotary, cos_sin) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, rotary: Rotary, cos_sin) -> Tensor:
         x = x + self.attn(self.norm1(x), mask, rotary, cos_sin)
         return x + self.mlp(self.norm2(x))
 

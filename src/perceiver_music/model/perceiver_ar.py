@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from perceiver_music.config import ModelConfig
-from perceiver_music.model.attention import CrossAttentionBlock, Rotary, SelfAttentionBlock, attention_mask
+from perceiver_music.model.attention import (
+    CrossAttentionBlock,
+    Rotary,
+    SelfAttentionBlock,
+    attention_mask,
+    causal_mask,
+)
 from perceiver_music.model.base import TokenModel
 from perceiver_music.tokens.performance import PAD
 
@@ -61,7 +67,7 @@ class PerceiverAR(TokenModel):
             mask = attention_mask(q_pos, positions[:, -keep:], pad[:, -keep:], q_pad, relative)
             h = self.run_block(block, h, k, v, mask, self.rotary, q_angles)
 
-        mask = attention_mask(q_pos, q_pos, q_pad, q_pad)  # causal over the latents
+        mask = causal_mask(q_pos, q_pad)  # over the latents
         for block in self.blocks:
             h = self.run_block(block, h, mask, self.rotary, q_angles)
         return self.head(self.norm(h))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from perceiver_music.config import ModelConfig
-from perceiver_music.model.attention import Rotary, SelfAttentionBlock, attention_mask
+from perceiver_music.model.attention import Rotary, SelfAttentionBlock, causal_mask
 from perceiver_music.model.base import TokenModel
 from perceiver_music.tokens.performance import PAD
 
@@ -31,7 +31,7 @@ class Transformer(TokenModel):
         pad = tokens == PAD
         h = self.embed_dropout(self.embed(tokens))  # [B, L, D]
         angles = self.rotary.angles(positions)
-        mask = attention_mask(positions, positions, pad, pad)
+        mask = causal_mask(positions, pad)
         for block in self.blocks:
             h = self.run_block(block, h, mask, self.rotary, angles)
         return self.head(self.norm(h[:, -N:]))
