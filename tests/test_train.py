@@ -229,6 +229,8 @@ def test_train_cli_errors(data_dir, tmp_path, capsys):
     assert "the model settings differ" in capsys.readouterr().err
     assert main([*args, "--resume", "train.steps=3"]) == 0
     assert "trained to step 3" in capsys.readouterr().out
+    assert main([*args, "train.steps=3"]) == 2  # the same folder again, without --resume
+    assert "already holds a run (up to step_0000003): add --resume" in capsys.readouterr().err
 
 
 @pytest.mark.slow

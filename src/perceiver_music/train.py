@@ -169,7 +169,11 @@ def train(
     )
 
     step, best, log_rows = 0, None, []
-    latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
+    latest = ckpt_io.latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run (up to {latest.name}): add --resume, or choose another --out"
+        )
     if resume and latest is None and main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     if latest is not None:
