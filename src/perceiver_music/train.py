@@ -182,9 +182,11 @@ def train(
         log_rows = _read_log(run_dir, upto=step)
         if main_process:
             print(f"resumed from {latest} at step {step}")
-    elif main_process:
+    if main_process:  # (again on resume: train.* settings may have changed, e.g. more steps)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(ckpt_io.config_dict(cfg), indent=1))
+        if len(valid_data) == 0:
+            print(f"note: {data_dir} has no validation pieces; validating on training windows")
 
     net = model
     if world > 1:
