@@ -9,6 +9,8 @@ Shapes: B batch, Q queries, K keys, D width, H heads, E = D / H head dims.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -78,6 +80,33 @@ class MLP(nn.Module):
         return self.dropout(self.down(F.relu(self.up(x)).square()))
 
 
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer during generation, by position: the slot of
+    position p is p - base. Rotary is applied before caching (by absolute position), so a
+    cached key never changes."""
+
+    k: Tensor  # [B, H, capacity, E]
+    v: Tensor
+    base: int = 0
+
+    @classmethod
+    def empty(
+        cls, batch: int, heads: int, capacity: int, head_dim: int, like: Tensor, base: int = 0
+    ) -> KVCache:
+        shape = (batch, heads, capacity, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape), base)
+
+    def write(self, start: int, k: Tensor, v: Tensor) -> None:
+        i = start - self.base
+        self.k[:, :, i : i + k.shape[2]] = k
+        self.v[:, :, i : i + v.shape[2]] = v
+
+    def read(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions lo..hi-1."""
+        return self.k[:, :, lo - self.base : hi - self.base], self.v[:, :, lo - self.base : hi - self.base]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -87,14 +116,31 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rotary: Rotary, cos_sin) -> Tensor:
-        """mask None means plainly causal: SDPA then skips the blocks above the diagonal."""
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        rotary: Rotary,
+        cos_sin,
+        cache: KVCache | None = None,
+        start: int = 0,
+        lo: int = 0,
+    ) -> Tensor:
+        """x [B, T, D] -> [B, T, D]. mask None with as many keys as queries means plainly causal.
+
+        With a cache, x holds positions start..start+T-1: their keys and values are written
+        to it, and the queries attend to the cached positions lo..start+T-1.
+        """
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, T, E]
         q, k = rotary.rotate(q, cos_sin), rotary.rotate(k, cos_sin)
+        if cache is not None:
+            cache.write(start, k, v)
+            k, v = cache.read(lo, start + T)
         p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+        causal = mask is None and k.shape[2] == T
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.resid_dropout(self.out(o.transpose(1, 2).reshape(B, T, D)))
 
 
@@ -132,8 +178,17 @@ class SelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rotary: Rotary, cos_sin) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask, rotary, cos_sin)
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        rotary: Rotary,
+        cos_sin,
+        cache: KVCache | None = None,
+        start: int = 0,
+        lo: int = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask, rotary, cos_sin, cache, start, lo)
         return x + self.mlp(self.norm2(x))
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from perceiver_music.config import ModelConfig
 from perceiver_music.model.attention import (
     CrossAttentionBlock,
+    KVCache,
     Rotary,
     SelfAttentionBlock,
     attention_mask,
@@ -48,8 +49,15 @@ class PerceiverAR(TokenModel):
         self.head = nn.Linear(D, cfg.vocab_size)
         self.init_weights()
 
-    def forward(self, tokens: Tensor, positions: Tensor, num_latents: int | None = None) -> Tensor:
-        """tokens, positions [B, L] -> logits [B, N, vocab] for the last N positions."""
+    def forward(
+        self, tokens: Tensor, positions: Tensor, num_latents: int | None = None, band: int | None = None
+    ) -> Tensor:
+        """tokens, positions [B, L] -> logits [B, N, vocab] for the last N positions.
+
+        band: generation past max_len (DESIGN.md section 6). Every cross-attention layer then
+        sees, for the latent at q, only the inputs in (q - band, q], windows relative to each
+        query (a `full` layer's window is the band itself).
+        """
         B, L = tokens.shape
         N = min(num_latents or self.cfg.num_latents, L)
         pad = tokens == PAD  # [B, L]
@@ -61,9 +69,10 @@ class PerceiverAR(TokenModel):
         k_angles = self.rotary.angles(positions)  # [B, 1, K, rot/2] each, sliced per scale
 
         for block, window in zip(self.cross, self.windows):
-            keep = x.shape[1] if window is None else self._keys_needed(x.shape[1], N, window)
+            relative, absolute = self._window(window, band)
+            K = x.shape[1]
+            keep = min(K, N + relative - 1) if relative else min(K, absolute) if absolute else K
             k, v = block.keys_values(x[:, -keep:], self.rotary, tuple(a[:, :, -keep:] for a in k_angles))
-            relative = window if self.cfg.scale_mode == "relative" else None
             mask = attention_mask(q_pos, positions[:, -keep:], pad[:, -keep:], q_pad, relative)
             h = self.run_block(block, h, k, v, mask, self.rotary, q_angles)
 
@@ -72,12 +81,58 @@ class PerceiverAR(TokenModel):
             h = self.run_block(block, h, mask, self.rotary, q_angles)
         return self.head(self.norm(h))
 
-    def _keys_needed(self, K: int, N: int, window: int) -> int:
-        """How many trailing inputs a windowed layer can see: for relative windows the N queries
-        reach back window - 1 inputs before the first latent; absolute windows are the last W."""
-        if self.cfg.scale_mode == "relative":
-            return min(K, N + window - 1)
-        return min(K, window)
+    def _window(self, window: int | None, band: int | None) -> tuple[int | None, int | None]:
+        """(relative, absolute) window of a cross-attention layer. A relative window of W lets the
+        N queries reach back W - 1 inputs before the first latent; an absolute one is the last W
+        inputs. In generation (band) every window is relative and at most the band."""
+        if band is not None:
+            return (band if window is None else min(window, band)), None
+        if window is None:
+            return None, None
+        return (window, None) if self.cfg.scale_mode == "relative" else (None, window)
+
+    # ------------------------------------------------------------------ cached generation
+    # sample.py drives these: inputs' cross-attention keys/values are cached once per position;
+    # the latents' self-attention keys/values are cached since the last refill.
+
+    def new_cache(self, batch: int, total: int, like: Tensor) -> dict[str, list[KVCache]]:
+        E = self.cfg.width // self.cfg.heads
+        heads = self.cfg.heads
+        return {
+            "cross": [KVCache.empty(batch, heads, total, E, like) for _ in self.cross],
+            "self": [KVCache.empty(batch, heads, self.cfg.num_latents, E, like) for _ in self.blocks],
+        }
+
+    def cache_inputs(self, tokens: Tensor, start: int, cache: dict) -> None:
+        """Cross-attention keys/values of tokens [B, T] at positions start..start+T-1."""
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embed(tokens)
+        angles = self.rotary.angles(positions)
+        for block, kv in zip(self.cross, cache["cross"]):
+            kv.write(start, *block.keys_values(x, self.rotary, angles))
+
+    def latent_logits(self, tokens: Tensor, start: int, cache: dict, band: int, refill: bool) -> Tensor:
+        """Logits [B, T, vocab] of latents tokens [B, T] at positions start..start+T-1, whose
+        inputs are already cached. refill: they start a new latent cache (self-attention over
+        them only); otherwise T = 1 and the latent joins those cached since the last refill."""
+        B, T = tokens.shape
+        q_pos = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        q_angles = self.rotary.angles(q_pos)
+        h = self.embed(tokens)
+        for block, window, kv in zip(self.cross, self.windows, cache["cross"]):
+            w, _ = self._window(window, band)
+            lo = max(0, start - w + 1)
+            k, v = kv.read(lo, start + T)
+            mask = None
+            if T > 1:  # each latent has its own band; a single one sees all it is given
+                k_pos = torch.arange(lo, start + T, device=tokens.device).expand(B, -1)
+                mask = attention_mask(q_pos, k_pos, torch.zeros_like(k_pos, dtype=torch.bool), None, w)
+            h = block(h, k, v, mask, self.rotary, q_angles)
+        for block, kv in zip(self.blocks, cache["self"]):
+            if refill:
+                kv.base = start
+            h = block(h, None, self.rotary, q_angles, kv, start, kv.base)
+        return self.head(self.norm(h))
 
 
 def drop_prefix(x: Tensor, positions: Tensor, pad: Tensor, num_latents: int, rate: float):

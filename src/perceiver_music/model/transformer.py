@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from perceiver_music.config import ModelConfig
-from perceiver_music.model.attention import Rotary, SelfAttentionBlock, causal_mask
+from perceiver_music.model.attention import KVCache, Rotary, SelfAttentionBlock, attention_mask, causal_mask
 from perceiver_music.model.base import TokenModel
 from perceiver_music.tokens.performance import PAD
 
@@ -25,13 +26,42 @@ class Transformer(TokenModel):
         self.head = nn.Linear(D, cfg.vocab_size)
         self.init_weights()
 
-    def forward(self, tokens: Tensor, positions: Tensor, num_latents: int | None = None) -> Tensor:
-        """tokens, positions [B, L] -> logits [B, N, vocab] for the last N positions."""
+    def forward(
+        self, tokens: Tensor, positions: Tensor, num_latents: int | None = None, band: int | None = None
+    ) -> Tensor:
+        """tokens, positions [B, L] -> logits [B, N, vocab] for the last N positions.
+        band: generation past max_len; each position attends to (p - band, p] only."""
         N = min(num_latents or self.cfg.num_latents, tokens.shape[1])
         pad = tokens == PAD
         h = self.embed_dropout(self.embed(tokens))  # [B, L, D]
         angles = self.rotary.angles(positions)
-        mask = causal_mask(positions, pad)
+        mask = (
+            causal_mask(positions, pad)
+            if band is None
+            else attention_mask(positions, positions, pad, pad, band)
+        )
         for block in self.blocks:
             h = self.run_block(block, h, mask, self.rotary, angles)
         return self.head(self.norm(h[:, -N:]))
+
+    # ------------------------------------------------------------------ cached generation
+
+    def new_cache(self, batch: int, total: int, like: Tensor) -> list[KVCache]:
+        E = self.cfg.width // self.cfg.heads
+        return [KVCache.empty(batch, self.cfg.heads, total, E, like) for _ in self.blocks]
+
+    def cached_logits(self, tokens: Tensor, start: int, cache: list[KVCache], band: int) -> Tensor:
+        """Logits [B, T, vocab] of tokens [B, T] at positions start..start+T-1; earlier
+        positions' keys/values come from the cache, these are added to it."""
+        B, T = tokens.shape
+        positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        angles = self.rotary.angles(positions)
+        lo = max(0, start - band + 1)
+        mask = None
+        if T > 1:
+            k_pos = torch.arange(lo, start + T, device=tokens.device).expand(B, -1)
+            mask = attention_mask(positions, k_pos, torch.zeros_like(k_pos, dtype=torch.bool), None, band)
+        h = self.embed(tokens)
+        for block, kv in zip(self.blocks, cache):
+            h = block(h, mask, self.rotary, angles, kv, start, lo)
+        return self.head(self.norm(h))

@@ -1,0 +1,212 @@
+"""Sampling, and the cache that makes long generation fast and exact (DESIGN.md section 6).
+
+What the model computes once a piece outgrows max_len: the latent at position q cross-attends
+to the inputs in (q - max_len, q] (scale windows relative to q as well), and each latent
+self-attends to the latents since the last refill. A refill happens when the latents since
+the last one would exceed num_latents: the newest `refill` positions (num_latents / 2 by
+default) become the latents, and their self-attention is recomputed in one pass.
+
+Two streams compute exactly that:
+
+* `ReferenceStream` (--no-cache): a full forward for every token, over the last
+  max_len + k - 1 inputs with k latents, with band masks.
+* `CachedStream`: cross-attention keys/values of each input are computed once, rotary
+  by absolute position so they never change; latent self-attention keys/values are kept
+  since the last refill; one new token costs one latent.
+
+Their logits agree (allclose) at every step, across refills and past max_len; the tests
+check this for every architecture. The Transformer baseline has no latents: every position
+attends to (p - max_len, p], and its cache holds every position's keys/values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from perceiver_music.model.base import TokenModel
+from perceiver_music.tokens.performance import BOS, EOS, PAD
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * max p
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+
+
+def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """logits [B, V] -> next tokens [B]. PAD and BOS are never sampled."""
+    logits = logits.float().clone()
+    logits[:, [PAD, BOS]] = float("-inf")
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if cfg.min_p > 0:
+        probs = probs.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, 0.0)
+    if cfg.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+        sorted_p = sorted_p.masked_fill(before >= cfg.top_p, 0.0)  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+class _Stream:
+    """Logits for the next token of a growing batch of sequences (all the same length)."""
+
+    def __init__(self, model: TokenModel, prompt: Tensor, total: int, refill: int | None):
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError("the prompt must be [batch, length >= 1] tokens (start from BOS)")
+        self.model, self.total = model, total
+        self.cfg = model.cfg
+        self.perceiver = self.cfg.arch == "perceiver_ar"
+        N = self.cfg.num_latents
+        self.refill_size = refill or max(1, N // 2)
+        if not 1 <= self.refill_size <= N:
+            raise ValueError(f"refill must be in 1..num_latents ({N}), got {refill}")
+        self.tokens = prompt.new_zeros(prompt.shape[0], total)
+        self.tokens[:, : prompt.shape[1]] = prompt
+        self.length = prompt.shape[1]
+        # The first latent of the current latent set (Perceiver AR).
+        self.first = 0 if self.length <= N else self.length - self.refill_size
+
+    def _advance(self) -> bool:
+        """Account for the position just appended; True when it starts a refill."""
+        q = self.length - 1
+        if self.perceiver and q - self.first + 1 > self.cfg.num_latents:
+            self.first = q + 1 - self.refill_size
+            return True
+        return False
+
+    def append(self, token: Tensor) -> Tensor:
+        if self.length >= self.total:
+            raise ValueError(f"the stream holds at most {self.total} tokens")
+        self.tokens[:, self.length] = token
+        self.length += 1
+        return self._logits_after_append(self._advance())
+
+
+class ReferenceStream(_Stream):
+    """No cache: a full forward per token over exactly what the latents may see."""
+
+    def __init__(self, model, prompt, total, refill=None):
+        super().__init__(model, prompt, total, refill)
+        self.current = self._forward()
+
+    def _forward(self) -> Tensor:
+        T, band = self.length, self.cfg.max_len
+        if self.perceiver:
+            lo = max(0, self.first - band + 1)
+            k = T - self.first
+        else:
+            lo, k = 0, 1
+        tokens = self.tokens[:, lo:T]
+        positions = torch.arange(lo, T, device=tokens.device).expand_as(tokens)
+        return self.model(tokens, positions, num_latents=k, band=band)[:, -1]
+
+    def _logits_after_append(self, refilled: bool) -> Tensor:
+        self.current = self._forward()
+        return self.current
+
+
+class CachedStream(_Stream):
+    def __init__(self, model, prompt, total, refill=None):
+        super().__init__(model, prompt, total, refill)
+        like = next(model.parameters())
+        self.cache = model.new_cache(prompt.shape[0], total, like)
+        T = self.length
+        if self.perceiver:
+            model.cache_inputs(self.tokens[:, :T], 0, self.cache)
+            self.current = self._refill()
+        else:
+            self.current = model.cached_logits(self.tokens[:, :T], 0, self.cache, self.cfg.max_len)[:, -1]
+
+    def _refill(self) -> Tensor:
+        latents = self.tokens[:, self.first : self.length]
+        return self.model.latent_logits(latents, self.first, self.cache, self.cfg.max_len, refill=True)[:, -1]
+
+    def _logits_after_append(self, refilled: bool) -> Tensor:
+        q = self.length - 1
+        new = self.tokens[:, q : q + 1]
+        if not self.perceiver:
+            self.current = self.model.cached_logits(new, q, self.cache, self.cfg.max_len)[:, -1]
+        else:
+            self.model.cache_inputs(new, q, self.cache)
+            if refilled:
+                self.current = self._refill()
+            else:
+                self.current = self.model.latent_logits(new, q, self.cache, self.cfg.max_len, refill=False)[
+                    :, -1
+                ]
+        return self.current
+
+
+@torch.no_grad()
+def generate(
+    model: TokenModel,
+    prompt: Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    seed: int | None = 0,
+    use_cache: bool = True,
+    refill: int | None = None,
+    stop_at_eos: bool = True,
+    on_token=None,
+) -> list[Tensor]:
+    """Continue each row of prompt [B, P] by up to max_new_tokens tokens.
+
+    Returns one tensor per row: the prompt and its continuation, ending at its first EOS
+    when stop_at_eos. `on_token(n)` is called after each generated step (for progress bars).
+    """
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    sampling = sampling or SamplingConfig()
+    model.eval()
+    generator = torch.Generator(device=prompt.device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    B, P = prompt.shape
+    stream_cls = CachedStream if use_cache else ReferenceStream
+    stream = stream_cls(model, prompt, P + max_new_tokens, refill)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    logits = stream.current
+    for i in range(max_new_tokens):
+        token = sample_next(logits, sampling, generator)
+        token = torch.where(done, torch.full_like(token, EOS), token)
+        done |= token == EOS
+        if i < max_new_tokens - 1 and not (stop_at_eos and bool(done.all())):
+            logits = stream.append(token)
+        else:
+            stream.tokens[:, stream.length] = token
+            stream.length += 1
+        if on_token is not None:
+            on_token(i + 1)
+        if stop_at_eos and bool(done.all()):
+            break
+    rows = []
+    for b in range(B):
+        row = stream.tokens[b, : stream.length]
+        if stop_at_eos:
+            eos = (row[P:] == EOS).nonzero()
+            if len(eos):
+                row = row[: P + int(eos[0]) + 1]
+        rows.append(row.clone())
+    return rows

@@ -1,0 +1,119 @@
+"""Cached generation is exact: at every step its logits equal the no-cache reference's, across
+refills and after the sequence outgrows max_len, for every architecture. Sampling controls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perceiver_music.config import ModelConfig
+from perceiver_music.model import build_model
+from perceiver_music.sample import CachedStream, ReferenceStream, SamplingConfig, generate, sample_next
+from perceiver_music.tokens.performance import BOS, EOS, PAD
+
+V = 391
+ARCHS = {
+    "perceiver_ar": dict(arch="perceiver_ar", scales=["full"]),
+    "perceivers": dict(arch="perceiver_ar", scales=["full", 6]),
+    "perceivers_3_scales": dict(arch="perceiver_ar", scales=[4, "full", 9]),
+    "transformer": dict(arch="transformer", num_latents=24),
+}
+
+
+def tiny(**kw):
+    base = dict(vocab_size=V, max_len=24, num_latents=8, width=32, heads=4, layers=2, dropout=0.0, z_loss=0.0)
+    base.update(kw)
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**base)).eval()
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("prompt_len", [1, 13, 40])
+def test_cached_logits_equal_the_reference_at_every_step(name, prompt_len):
+    model = tiny(**ARCHS[name])
+    g = torch.Generator().manual_seed(prompt_len)
+    steps = 70  # past max_len (24) and through several refills (8 latents, refill 4)
+    total = prompt_len + steps
+    prompt = torch.randint(3, V, (2, prompt_len), generator=g)
+    prompt[:, 0] = BOS
+    forced = torch.randint(3, V, (2, steps), generator=g)
+    with torch.no_grad():
+        cached, ref = CachedStream(model, prompt, total), ReferenceStream(model, prompt, total)
+        assert torch.allclose(cached.current, ref.current, atol=1e-4)
+        refills = 0
+        for i in range(steps - 1):
+            before = cached.first
+            a, b = cached.append(forced[:, i]), ref.append(forced[:, i])
+            refills += cached.first != before
+            assert torch.allclose(a, b, atol=1e-4), (i, (a - b).abs().max())
+    assert cached.length == total - 1 > model.cfg.max_len
+    if model.cfg.arch == "perceiver_ar":
+        assert refills >= 2
+
+
+def test_refill_size_is_configurable_and_checked():
+    model = tiny()
+    prompt = torch.full((1, 1), BOS)
+    with torch.no_grad():
+        for refill in (1, 3, 8):
+            c, r = CachedStream(model, prompt, 40, refill), ReferenceStream(model, prompt, 40, refill)
+            for t in range(30):
+                assert torch.allclose(
+                    c.append(torch.tensor([3 + t])), r.append(torch.tensor([3 + t])), atol=1e-4
+                )
+        with pytest.raises(ValueError, match="refill must be in 1..num_latents"):
+            CachedStream(model, prompt, 40, refill=9)
+
+
+def test_generate_with_and_without_cache_agree():
+    model = tiny(scales=["full", 6])
+    prompt = torch.full((3, 1), BOS)
+    a = generate(model, prompt, 60, SamplingConfig(temperature=1.0), seed=5, stop_at_eos=False)
+    b = generate(
+        model, prompt, 60, SamplingConfig(temperature=1.0), seed=5, use_cache=False, stop_at_eos=False
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(len(x) == 61 and x[0] == BOS for x in a)
+    assert not torch.equal(a[0], a[1])  # the batch rows are different samples
+    c = generate(model, prompt, 60, SamplingConfig(temperature=1.0), seed=6, stop_at_eos=False)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_generation_stops_at_eos():
+    model = tiny()
+    with torch.no_grad():
+        model.head.bias[EOS] = 50.0  # make EOS overwhelmingly likely
+    out = generate(model, torch.full((2, 1), BOS), 30, SamplingConfig(), seed=0)
+    assert [len(x) for x in out] == [2, 2] and all(x[-1] == EOS for x in out)
+
+
+def test_sampling_controls():
+    logits = torch.log(torch.tensor([[0.0, 0.0, 0.05, 0.5, 0.3, 0.15]]).clamp_min(1e-12)).repeat(2000, 1)
+    logits[:, BOS] = 10.0  # BOS and PAD are never sampled, however likely
+    g = torch.Generator().manual_seed(0)
+    greedy = sample_next(logits, SamplingConfig(temperature=0))
+    assert (greedy == 3).all()
+    top2 = sample_next(logits, SamplingConfig(top_k=2), g)  # among samplable tokens: BOS is out first
+    assert set(top2.tolist()) == {3, 4}
+    nucleus = sample_next(logits, SamplingConfig(top_p=0.75), g)  # 0.5 + 0.3 reaches 0.75
+    assert set(nucleus.tolist()) == {3, 4}
+    minp = sample_next(logits, SamplingConfig(min_p=0.35), g)  # keep p >= 0.175
+    assert set(minp.tolist()) == {3, 4}
+    anything = sample_next(logits, SamplingConfig(), g)
+    assert set(anything.tolist()) == {2, 3, 4, 5} and PAD not in anything.tolist()
+    share = (anything == 3).float().mean().item()
+    assert 0.45 < share < 0.55
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0), "top_p"),
+        (dict(min_p=1.0), "min_p"),
+    ],
+)
+def test_invalid_sampling_settings_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kw)
