@@ -124,6 +124,69 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from perceiver_music.sample import SamplingConfig
+
+    # Every setting is checked before the model is loaded.
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as e:
+        return _fail(str(e))
+    for name in ("num", "tokens", "prompt_tokens", "refill"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("seconds", "prompt_seconds"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            return _fail(f"--{name.replace('_', '-')} must be positive")
+    if args.prompt is not None and not Path(args.prompt).is_file():
+        return _fail(f"{args.prompt}: no such prompt file")
+    if args.ckpt is None:
+        return _fail("no bundled model in this version yet: pass --ckpt RUN_DIR (a run folder or checkpoint)")
+    if (args.prompt_tokens or args.prompt_seconds) and args.prompt is None:
+        return _fail("--prompt-tokens / --prompt-seconds need --prompt FILE.mid")
+
+    from perceiver_music.generate import generate_midi
+    from perceiver_music.tokens.performance import MidiError
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        result = generate_midi(
+            args.ckpt,
+            args.out,
+            prompt=args.prompt,
+            num=args.num,
+            tokens=args.tokens,
+            seconds=args.seconds,
+            sampling=sampling,
+            seed=args.seed,
+            prompt_tokens_last=args.prompt_tokens,
+            prompt_seconds_last=args.prompt_seconds,
+            use_cache=not args.no_cache,
+            refill=args.refill,
+            device=device,
+            progress=not args.quiet,
+        )
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    except MidiError as e:
+        return _fail(f"prompt {e}")
+    for note in result.notes:
+        print(note)
+    for path, n, secs in zip(result.midi_files, result.generated_tokens, result.seconds):
+        print(f"{path}: {n} new tokens, {secs:.1f} s of music")
+    print(
+        f"{sum(result.generated_tokens)} tokens at {result.tokens_per_s:.0f} tokens/s; "
+        f"settings in {result.out_dir / 'generate.json'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perceiver-music",
@@ -188,6 +251,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate pieces (MIDI) from a trained model",
+        description="Generate unconditionally (from BOS) or continue a MIDI prompt.",
+    )
+    p.add_argument("--ckpt", help="a run folder (its best checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, metavar="OUT_DIR")
+    p.add_argument("--prompt", metavar="FILE.mid", help="continue this MIDI file")
+    p.add_argument("--prompt-tokens", type=int, metavar="K", help="use only the last K tokens of the prompt")
+    p.add_argument(
+        "--prompt-seconds", type=float, metavar="S", help="use only the last S seconds of the prompt"
+    )
+    p.add_argument("--num", type=int, default=1, help="samples, generated as one batch (default 1)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--tokens", type=int, help="tokens to generate (default 1024)")
+    length.add_argument("--seconds", type=float, help="seconds of music to generate")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-cache", action="store_true", help="the slow reference path: a full forward per token"
+    )
+    p.add_argument("--refill", type=int, help="latents kept at a cache refill (default num_latents / 2)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

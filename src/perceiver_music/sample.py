@@ -21,6 +21,7 @@ attends to (p - max_len, p], and its cache holds every position's keys/values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -169,12 +170,14 @@ def generate(
     use_cache: bool = True,
     refill: int | None = None,
     stop_at_eos: bool = True,
-    on_token=None,
+    on_token: Callable[[int], None] | None = None,
+    stop: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """Continue each row of prompt [B, P] by up to max_new_tokens tokens.
 
-    Returns one tensor per row: the prompt and its continuation, ending at its first EOS
-    when stop_at_eos. `on_token(n)` is called after each generated step (for progress bars).
+    Returns one tensor per row: the prompt and its continuation, which ends at its first EOS
+    (included) when stop_at_eos, or at the first token for which `stop(tokens [B]) -> [B]
+    bool` holds. `on_token(n)` is called after each step (for progress bars).
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -184,29 +187,24 @@ def generate(
     if seed is not None:
         generator.manual_seed(seed)
     B, P = prompt.shape
-    stream_cls = CachedStream if use_cache else ReferenceStream
-    stream = stream_cls(model, prompt, P + max_new_tokens, refill)
+    stream = (CachedStream if use_cache else ReferenceStream)(model, prompt, P + max_new_tokens, refill)
+    end = torch.full((B,), P + max_new_tokens, dtype=torch.long)  # each row's length
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     logits = stream.current
     for i in range(max_new_tokens):
         token = sample_next(logits, sampling, generator)
-        token = torch.where(done, torch.full_like(token, EOS), token)
-        done |= token == EOS
-        if i < max_new_tokens - 1 and not (stop_at_eos and bool(done.all())):
-            logits = stream.append(token)
-        else:
-            stream.tokens[:, stream.length] = token
-            stream.length += 1
+        finished = torch.zeros_like(done)
+        if stop_at_eos:
+            finished |= token == EOS
+        if stop is not None:
+            finished |= stop(token)
+        end[(finished & ~done).cpu()] = P + i + 1
+        done |= finished
         if on_token is not None:
             on_token(i + 1)
-        if stop_at_eos and bool(done.all()):
+        if bool(done.all()) or i == max_new_tokens - 1:
+            stream.tokens[:, stream.length] = token
+            stream.length += 1
             break
-    rows = []
-    for b in range(B):
-        row = stream.tokens[b, : stream.length]
-        if stop_at_eos:
-            eos = (row[P:] == EOS).nonzero()
-            if len(eos):
-                row = row[: P + int(eos[0]) + 1]
-        rows.append(row.clone())
-    return rows
+        logits = stream.append(token)
+    return [stream.tokens[b, : min(int(end[b]), stream.length)].clone() for b in range(B)]

@@ -1,0 +1,176 @@
+"""Generate pieces from a checkpoint: the function behind `perceiver-music generate`.
+
+Unconditional (from BOS) or continuing a MIDI prompt (its last k tokens, or its last s
+seconds), --num samples as one batch, length in tokens or seconds, stopping at EOS, lengths
+far beyond the training context. Writes one MIDI per sample and generate.json with the
+settings used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from perceiver_music.checkpoint import load_model
+from perceiver_music.sample import SamplingConfig, generate
+from perceiver_music.tokens.performance import BOS, EOS, MidiError, PerformanceTokenizer
+
+
+@dataclass
+class GenerateResult:
+    out_dir: Path
+    midi_files: list[Path]
+    prompt_tokens: int
+    generated_tokens: list[int]
+    seconds: list[float]  # length of each piece (prompt included)
+    tokens_per_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+def prompt_tokens(
+    tok: PerformanceTokenizer,
+    midi: str | os.PathLike | None,
+    context: int,
+    last_tokens: int | None = None,
+    last_seconds: float | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """The prompt as token ids (BOS first when the whole piece fits) and notes for the user."""
+    notes: list[str] = []
+    if midi is None:
+        return np.array([BOS]), notes
+    events = tok.encode(midi).astype(np.int64)  # MidiError names the file and the problem
+    if len(events) == 0:
+        raise MidiError(midi, "the prompt has no notes")
+    ids = np.concatenate([[BOS], events])
+    if last_seconds is not None:
+        steps = np.where(
+            (events >= tok.vocab.time_shift) & (events < tok.vocab.velocity),
+            events - tok.vocab.time_shift + 1,
+            0,
+        )
+        before = np.cumsum(steps) - steps  # time at which each token happens
+        cut = before[-1] + steps[-1] - last_seconds * tok.cfg.steps_per_second
+        keep_from = int(np.searchsorted(before, cut, side="left"))  # the first token at or after the cut
+        if keep_from > 0:
+            ids = events[keep_from:]
+            notes.append(f"prompt: the last {last_seconds:g} s of {midi} ({len(ids)} tokens)")
+    if last_tokens is not None and len(ids) > last_tokens:
+        ids = ids[-last_tokens:]
+        notes.append(f"prompt: the last {last_tokens} tokens of {midi}")
+    if len(ids) > context:
+        ids = ids[-context:]
+        notes.append(f"prompt: longer than the model's context; trimmed to its last {context} tokens")
+    return ids, notes
+
+
+def generate_midi(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    prompt: str | os.PathLike | None = None,
+    num: int = 1,
+    tokens: int | None = None,
+    seconds: float | None = None,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    prompt_tokens_last: int | None = None,
+    prompt_seconds_last: float | None = None,
+    use_cache: bool = True,
+    refill: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> GenerateResult:
+    """Generate `num` pieces and write them as MIDI into out_dir (see the module docstring).
+
+    tokens: how many tokens to generate (default 1024 when neither tokens nor seconds is given);
+    seconds: stop a piece once its continuation lasts this long (tokens then only caps it).
+    """
+    sampling = sampling or SamplingConfig()
+    if num < 1:
+        raise ValueError("num must be at least 1")
+    if tokens is not None and tokens < 1:
+        raise ValueError("tokens must be at least 1")
+    if seconds is not None and seconds <= 0:
+        raise ValueError("seconds must be positive")
+    model, cfg = load_model(ckpt, device)
+    tok = PerformanceTokenizer(cfg.tokenizer)
+    ids, notes = prompt_tokens(tok, prompt, cfg.model.max_len, prompt_tokens_last, prompt_seconds_last)
+    if tokens is None:  # a generous cap in seconds mode: ~30 tokens per second of piano
+        tokens = 1024 if seconds is None else int(seconds * 40) + 256
+    time_steps = None if seconds is None else int(round(seconds * tok.cfg.steps_per_second))
+
+    batch = torch.as_tensor(ids, device=device).expand(num, -1).clone()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tokens, desc="generate", unit="tok", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    rows = generate(
+        model,
+        batch,
+        tokens,
+        sampling,
+        seed=seed,
+        use_cache=use_cache,
+        refill=refill,
+        on_token=(lambda n: bar.update(1)) if bar else None,
+        stop=_time_limit(tok, time_steps) if time_steps else None,
+    )
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files, lengths, durations = [], [], []
+    for i, row in enumerate(rows):
+        row = row.cpu().numpy()
+        path = out / f"sample_{i:02d}.mid"
+        events = row[(row != BOS) & (row != EOS)]
+        tok.decode_to_midi(events, path)
+        decoded = tok.decode_notes(events)
+        files.append(path)
+        lengths.append(len(row) - len(ids))
+        durations.append(float(decoded.end.max()) / tok.cfg.steps_per_second if len(decoded) else 0.0)
+    generated = sum(lengths)
+    result = GenerateResult(out, files, len(ids), lengths, durations, generated / max(elapsed, 1e-9), notes)
+    settings = {
+        "checkpoint": str(ckpt),
+        "prompt": None if prompt is None else str(prompt),
+        "prompt_tokens": len(ids),
+        "num": num,
+        "max_tokens": tokens,
+        "seconds": seconds,
+        "sampling": asdict(sampling),
+        "seed": seed,
+        "cache": use_cache,
+        "refill": refill,
+        "model": asdict(cfg.model),
+        "files": [p.name for p in files],
+        "generated_tokens": lengths,
+        "piece_seconds": [round(d, 2) for d in durations],
+        "tokens_per_second": round(result.tokens_per_s, 1),
+        "notes": notes,
+    }
+    (out / "generate.json").write_text(json.dumps(settings, indent=1))
+    return result
+
+
+def _time_limit(tok: PerformanceTokenizer, max_steps: int):
+    """A stop rule: a row is done once its generated TIME_SHIFTs add up to max_steps."""
+    v = tok.vocab
+    total: dict[str, torch.Tensor] = {}
+
+    def stop(token: torch.Tensor) -> torch.Tensor:
+        is_shift = (token >= v.time_shift) & (token < v.velocity)
+        step = torch.where(is_shift, token - v.time_shift + 1, torch.zeros_like(token))
+        total["t"] = total.get("t", torch.zeros_like(token)) + step
+        return total["t"] >= max_steps
+
+    return stop

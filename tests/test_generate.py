@@ -1,0 +1,180 @@
+"""`perceiver-music generate`: files written, prompts, lengths, and bad input refused early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perceiver_music.cli import main
+from perceiver_music.config import PrepareConfig, load_config
+from perceiver_music.data.prepare import prepare
+from perceiver_music.generate import prompt_tokens
+from perceiver_music.tokens.performance import BOS, PerformanceTokenizer
+from perceiver_music.train import train
+
+from conftest import write_midi
+
+TOK = PerformanceTokenizer()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gen")
+    midi = root / "midi"
+    midi.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        starts = np.sort(rng.integers(0, 10_000, 80))
+        write_midi(
+            midi / f"p{i}.mid", [(int(s), int(s) + 200, int(rng.integers(50, 80)), 80) for s in starts]
+        )
+    prepare(midi, root / "data", PrepareConfig(workers=1, split="hash", valid_fraction=0.2), progress=False)
+    cfg = load_config(
+        "debug",
+        [
+            "model.max_len=64",
+            "model.num_latents=16",
+            "model.width=32",
+            "model.layers=1",
+            "model.scales=[full, 16]",
+            "train.steps=3",
+            "train.batch_size=2",
+        ],
+    )
+    train(cfg, root / "data", root / "run", progress=False)
+    return root / "run"
+
+
+def test_unconditional_batch(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run_dir),
+                "--out",
+                str(out),
+                "--num",
+                "2",
+                "--tokens",
+                "150",
+                "--quiet",
+                "--seed",
+                "3",
+                "--top-k",
+                "40",
+            ]
+        )
+        == 0
+    )
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["files"] == ["sample_00.mid", "sample_01.mid"]
+    assert settings["sampling"]["top_k"] == 40 and settings["seed"] == 3 and settings["prompt_tokens"] == 1
+    for name, n in zip(settings["files"], settings["generated_tokens"]):
+        assert 1 <= n <= 150
+        TOK.encode(out / name)  # a readable MIDI file
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_same_seed_same_music_with_and_without_cache(run_dir, tmp_path):
+    args = ["generate", "--ckpt", str(run_dir), "--tokens", "120", "--quiet", "--seed", "7"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-cache"]) == 0
+    assert (tmp_path / "a" / "sample_00.mid").read_bytes() == (tmp_path / "b" / "sample_00.mid").read_bytes()
+
+
+def test_continuing_a_prompt_keeps_it(run_dir, tmp_path, capsys):
+    prompt = write_midi(tmp_path / "prompt.mid", [(0, 300, 60, 80), (300, 600, 64, 80), (600, 900, 67, 80)])
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run_dir),
+                "--out",
+                str(out),
+                "--prompt",
+                str(prompt),
+                "--tokens",
+                "40",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    original = TOK.vocab.names(TOK.encode(prompt))
+    continued = TOK.vocab.names(TOK.encode(out / "sample_00.mid"))
+    assert continued[: len(original) - 1] == original[:-1]  # the prompt's events come first
+
+
+def test_long_prompts_are_trimmed_and_seconds_taken_from_the_end(tmp_path):
+    notes = [(i * 100, i * 100 + 50, 60 + i % 12, 80) for i in range(200)]  # 20 s, ~800 tokens
+    path = write_midi(tmp_path / "long.mid", notes)
+    ids, notes_out = prompt_tokens(TOK, path, context=64)
+    assert len(ids) == 64 and ids[0] != BOS and "trimmed to its last 64 tokens" in notes_out[0]
+    ids, _ = prompt_tokens(TOK, path, context=10_000, last_tokens=100)
+    assert len(ids) == 100
+    ids, notes_out = prompt_tokens(TOK, path, context=10_000, last_seconds=2.0)
+    steps = sum(
+        int(t) - TOK.vocab.time_shift + 1 for t in ids if TOK.vocab.time_shift <= t < TOK.vocab.velocity
+    )
+    assert 195 <= steps <= 200 and "last 2 s" in notes_out[0]
+    full, _ = prompt_tokens(TOK, path, context=10_000)
+    assert full[0] == BOS and len(full) == len(TOK.encode(path)) + 1
+
+
+def test_length_in_seconds(run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["generate", "--ckpt", str(run_dir), "--out", str(out), "--seconds", "3", "--quiet", "--num", "3"]
+        )
+        == 0
+    )
+    for name in json.loads((out / "generate.json").read_text())["files"]:
+        ids = TOK.encode(out / name)
+        steps = sum(
+            int(t) - TOK.vocab.time_shift + 1 for t in ids if TOK.vocab.time_shift <= t < TOK.vocab.velocity
+        )
+        assert steps <= 300 + 100  # stops at the first time shift reaching 3 s (or at EOS)
+
+
+def test_bad_input_is_refused_before_any_work(run_dir, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-run")
+    cases = [
+        (["--ckpt", missing, "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--ckpt", missing, "--temperature", "-1"], "temperature must be >= 0"),
+        (["--ckpt", missing, "--num", "0"], "--num must be at least 1"),
+        (["--ckpt", missing, "--seconds", "-2"], "--seconds must be positive"),
+        (["--ckpt", missing, "--prompt", str(tmp_path / "nope.mid")], "no such prompt file"),
+        (["--ckpt", missing], "no checkpoint here"),
+        ([], "no bundled model"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", "--out", str(tmp_path / "o"), "--quiet", *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+    (tmp_path / "text.mid").write_text("hello")
+    write_midi(tmp_path / "empty.mid", [])
+    for name, message in [("text.mid", "not a MIDI file"), ("empty.mid", "the prompt has no notes")]:
+        assert (
+            main(
+                [
+                    "generate",
+                    "--ckpt",
+                    str(run_dir),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--quiet",
+                    "--prompt",
+                    str(tmp_path / name),
+                ]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert message in err and name in err
