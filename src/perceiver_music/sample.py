@@ -132,7 +132,11 @@ class CachedStream(_Stream):
     def __init__(self, model, prompt, total, refill=None):
         super().__init__(model, prompt, total, refill)
         like = next(model.parameters())
-        self.cache = model.new_cache(prompt.shape[0], total, like)
+        # Input keys/values are kept for at most two context windows: older positions are
+        # dropped (moved out) once no latent can see them, so memory follows the context, not
+        # the length of the piece.
+        self.capacity = min(total, max(prompt.shape[1], 2 * (self.cfg.max_len + self.cfg.num_latents)))
+        self.cache = model.new_cache(prompt.shape[0], self.capacity, like)
         T = self.length
         if self.perceiver:
             model.cache_inputs(self.tokens[:, :T], 0, self.cache)
@@ -147,6 +151,12 @@ class CachedStream(_Stream):
     def _logits_after_append(self, refilled: bool) -> Tensor:
         q = self.length - 1
         new = self.tokens[:, q : q + 1]
+        input_caches = self.cache["cross"] if self.perceiver else self.cache
+        if q - input_caches[0].base >= self.capacity:
+            # The oldest input any latent from now on can see: the band of the first latent.
+            oldest = max(0, (self.first if self.perceiver else q) - self.cfg.max_len + 1)
+            for kv in input_caches:
+                kv.keep_from(oldest, q)
         if not self.perceiver:
             self.current = self.model.cached_logits(new, q, self.cache, self.cfg.max_len)[:, -1]
         else:

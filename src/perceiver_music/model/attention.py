@@ -102,6 +102,14 @@ class KVCache:
         self.k[:, :, i : i + k.shape[2]] = k
         self.v[:, :, i : i + v.shape[2]] = v
 
+    def keep_from(self, lo: int, end: int) -> None:
+        """Drop positions before lo (positions lo..end-1 move to the front), making room."""
+        i, n = lo - self.base, end - lo
+        if i > 0:
+            self.k[:, :, :n] = self.k[:, :, i : i + n].clone()  # clone: the ranges overlap
+            self.v[:, :, :n] = self.v[:, :, i : i + n].clone()
+            self.base = lo
+
     def read(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions lo..hi-1."""
         return self.k[:, :, lo - self.base : hi - self.base], self.v[:, :, lo - self.base : hi - self.base]
