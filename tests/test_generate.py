@@ -20,6 +20,12 @@ from conftest import write_midi
 TOK = PerformanceTokenizer()
 
 
+def time_steps(ids) -> int:
+    """Total TIME_SHIFT steps of a token sequence, counted here independently of the package."""
+    v = TOK.vocab
+    return sum(int(t) - v.time_shift + 1 for t in ids if v.time_shift <= t < v.velocity)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("gen")
@@ -120,9 +126,7 @@ def test_long_prompts_are_trimmed_and_seconds_taken_from_the_end(tmp_path):
     ids, _ = prompt_tokens(TOK, path, context=10_000, last_tokens=100)
     assert len(ids) == 100
     ids, notes_out = prompt_tokens(TOK, path, context=10_000, last_seconds=2.0)
-    steps = sum(
-        int(t) - TOK.vocab.time_shift + 1 for t in ids if TOK.vocab.time_shift <= t < TOK.vocab.velocity
-    )
+    steps = time_steps(ids)
     assert 195 <= steps <= 200 and "last 2 s" in notes_out[0]
     full, _ = prompt_tokens(TOK, path, context=10_000)
     assert full[0] == BOS and len(full) == len(TOK.encode(path)) + 1
@@ -138,9 +142,7 @@ def test_length_in_seconds(run_dir, tmp_path):
     )
     for name in json.loads((out / "generate.json").read_text())["files"]:
         ids = TOK.encode(out / name)
-        steps = sum(
-            int(t) - TOK.vocab.time_shift + 1 for t in ids if TOK.vocab.time_shift <= t < TOK.vocab.velocity
-        )
+        steps = time_steps(ids)
         assert steps <= 300 + 100  # stops at the first time shift reaching 3 s (or at EOS)
 
 

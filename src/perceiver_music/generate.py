@@ -49,11 +49,7 @@ def prompt_tokens(
         raise MidiError(midi, "the prompt has no notes")
     ids = np.concatenate([[BOS], events])
     if last_seconds is not None:
-        steps = np.where(
-            (events >= tok.vocab.time_shift) & (events < tok.vocab.velocity),
-            events - tok.vocab.time_shift + 1,
-            0,
-        )
+        steps = tok.vocab.shift_steps(events)
         before = np.cumsum(steps) - steps  # time at which each token happens
         cut = before[-1] + steps[-1] - last_seconds * tok.cfg.steps_per_second
         keep_from = int(np.searchsorted(before, cut, side="left"))  # the first token at or after the cut
@@ -164,12 +160,11 @@ def generate_midi(
 
 def _time_limit(tok: PerformanceTokenizer, max_steps: int):
     """A stop rule: a row is done once its generated TIME_SHIFTs add up to max_steps."""
-    v = tok.vocab
+    steps_of = torch.as_tensor(tok.vocab.shift_steps(np.arange(tok.vocab.size)))  # per token id
     total: dict[str, torch.Tensor] = {}
 
     def stop(token: torch.Tensor) -> torch.Tensor:
-        is_shift = (token >= v.time_shift) & (token < v.velocity)
-        step = torch.where(is_shift, token - v.time_shift + 1, torch.zeros_like(token))
+        step = steps_of.to(token.device)[token]
         total["t"] = total.get("t", torch.zeros_like(token)) + step
         return total["t"] >= max_steps
 

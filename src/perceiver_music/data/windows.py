@@ -178,8 +178,9 @@ def stretch(tokens: np.ndarray, factor: float, vocab: Vocab) -> np.ndarray:
     if factor == 1.0:
         return tokens
     tokens = np.asarray(tokens, np.int64)
-    is_shift = (tokens >= vocab.time_shift) & (tokens < vocab.velocity)
-    step = np.cumsum(np.where(is_shift, tokens - vocab.time_shift + 1, 0))
+    shift = vocab.shift_steps(tokens)
+    is_shift = shift > 0
+    step = np.cumsum(shift)
     events = tokens[~is_shift]
     # A trailing time shift (a window may end inside a gap) is kept via an end marker.
     ev_step = np.append(step[~is_shift], step[-1] if len(step) else 0)

@@ -103,6 +103,11 @@ class Vocab:
             return f"VELOCITY:{token - self.velocity + 1}"
         raise ValueError(f"token id {token} is outside the vocabulary (0..{self.size - 1})")
 
+    def shift_steps(self, ids: np.ndarray) -> np.ndarray:
+        """How far each token moves time forward: its steps for a TIME_SHIFT, 0 for the rest."""
+        ids = np.asarray(ids, np.int64)
+        return np.where((ids >= self.time_shift) & (ids < self.velocity), ids - self.time_shift + 1, 0)
+
     def names(self, ids: np.ndarray) -> list[str]:
         return [self.event_name(t) for t in np.asarray(ids).tolist()]
 
@@ -371,8 +376,7 @@ class PerformanceTokenizer:
         if len(ids) and (ids.min() < 0 or ids.max() >= v.size):
             bad = ids[(ids < 0) | (ids >= v.size)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{v.size - 1})")
-        shift = np.where((ids >= v.time_shift) & (ids < v.velocity), ids - v.time_shift + 1, 0)
-        step = np.cumsum(shift)
+        step = np.cumsum(v.shift_steps(ids))
         final_step = int(step[-1]) if len(step) else 0
 
         is_vel = (ids >= v.velocity) & (ids < v.size)
