@@ -62,7 +62,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -500,14 +499,7 @@ CHILDREN = {
 
 
 def run_child(python: Path | str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        spec = {**spec, "out": str(out)}
-        proc = subprocess.run([str(python), __file__, "--child", json.dumps(spec)], env=env, cwd=REPO)
-        if proc.returncode != 0:
-            raise RuntimeError(f"child failed ({proc.returncode}): {spec}")
-        return json.loads(out.read_text())
+    return tt.run_child(python, spec, threads, script=__file__)
 
 
 def measure(python: Path | str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

@@ -293,12 +293,15 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_child(python: Path | str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
+def run_child(
+    python: Path | str, spec: dict[str, Any], threads: int, script: str = __file__
+) -> dict[str, Any]:
+    """Run `script --child SPEC` in a fresh process (its own peak memory) and read its result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         spec = {**spec, "out": str(out)}
-        proc = subprocess.run([str(python), __file__, "--child", json.dumps(spec)], env=env, cwd=REPO)
+        proc = subprocess.run([str(python), script, "--child", json.dumps(spec)], env=env, cwd=REPO)
         if proc.returncode != 0:
             raise RuntimeError(f"child failed ({proc.returncode}): {spec}")
         return json.loads(out.read_text())
