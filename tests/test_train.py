@@ -35,6 +35,17 @@ TINY = [
     "train.threads=1",
 ]
 
+# One deterministic step (no warmup, augmentation or dropout): for comparing two ways of taking it.
+ONE_STEP = [
+    *TINY,
+    "train.steps=1",
+    "train.eval_every=1",
+    "train.warmup_steps=0",
+    "data.transpose=0",
+    "data.stretch=0",
+    "model.dropout=0",
+]
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
@@ -175,15 +186,7 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path):
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(data_dir, tmp_path):
-    common = [
-        *TINY,
-        "train.steps=1",
-        "train.eval_every=1",
-        "train.warmup_steps=0",
-        "data.transpose=0",
-        "data.stretch=0",
-        "model.dropout=0",
-    ]
+    common = ONE_STEP
     big = train(
         load_config("debug", [*common, "train.batch_size=4"]), data_dir, tmp_path / "a", progress=False
     )
@@ -236,15 +239,7 @@ def test_train_cli_errors(data_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_with_gloo_match_one(data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) takes the same first step as one process with both batches."""
-    common = [
-        *TINY,
-        "train.steps=1",
-        "train.eval_every=1",
-        "train.warmup_steps=0",
-        "data.transpose=0",
-        "data.stretch=0",
-        "model.dropout=0",
-    ]
+    common = ONE_STEP
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
