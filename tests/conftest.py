@@ -45,3 +45,39 @@ def write_midi(path, notes=(), pedals=(), tpq=480, tempos=((0, 480_000),), track
         score.tracks.append(drums)
     score.dump_midi(str(path))
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A folder with midi/ (six random pieces), data/ (prepared) and run/ (a tiny PerceiverS
+    trained for three steps): a real checkpoint for the commands that need one."""
+    import numpy as np
+
+    from perceiver_music.config import PrepareConfig, load_config
+    from perceiver_music.data.prepare import prepare
+    from perceiver_music.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    midi = root / "midi"
+    midi.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        starts = np.sort(rng.integers(0, 10_000, 80))
+        write_midi(
+            midi / f"p{i}.mid", [(int(s), int(s) + 200, int(rng.integers(50, 80)), 80) for s in starts]
+        )
+    prepare(midi, root / "data", PrepareConfig(workers=1, split="hash", valid_fraction=0.2), progress=False)
+    cfg = load_config(
+        "debug",
+        [
+            "model.max_len=64",
+            "model.num_latents=16",
+            "model.width=32",
+            "model.layers=1",
+            "model.scales=[full, 16]",
+            "train.steps=3",
+            "train.batch_size=2",
+        ],
+    )
+    train(cfg, root / "data", root / "run", progress=False)
+    return root

@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from perceiver_music.cli import main
-from perceiver_music.config import PrepareConfig, load_config
-from perceiver_music.data.prepare import prepare
 from perceiver_music.generate import prompt_tokens
 from perceiver_music.tokens.performance import BOS, PerformanceTokenizer
-from perceiver_music.train import train
 
 from conftest import write_midi
 
@@ -27,31 +23,8 @@ def time_steps(ids) -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("gen")
-    midi = root / "midi"
-    midi.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        starts = np.sort(rng.integers(0, 10_000, 80))
-        write_midi(
-            midi / f"p{i}.mid", [(int(s), int(s) + 200, int(rng.integers(50, 80)), 80) for s in starts]
-        )
-    prepare(midi, root / "data", PrepareConfig(workers=1, split="hash", valid_fraction=0.2), progress=False)
-    cfg = load_config(
-        "debug",
-        [
-            "model.max_len=64",
-            "model.num_latents=16",
-            "model.width=32",
-            "model.layers=1",
-            "model.scales=[full, 16]",
-            "train.steps=3",
-            "train.batch_size=2",
-        ],
-    )
-    train(cfg, root / "data", root / "run", progress=False)
-    return root / "run"
+def run_dir(tiny_run) -> Path:
+    return tiny_run / "run"
 
 
 def test_unconditional_batch(run_dir, tmp_path, capsys):

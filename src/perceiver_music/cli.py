@@ -187,6 +187,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    likelihood = args.ckpt is not None or args.data is not None
+    sets = args.generated is not None or args.reference is not None
+    if likelihood == sets:
+        return _fail(
+            "evaluate takes either --ckpt RUN_DIR --data DATA_DIR (likelihood) "
+            "or --generated DIR... --reference DIR (metric suite)"
+        )
+    if sets:
+        return _evaluate_sets(args)
+    if args.ckpt is None or args.data is None:
+        return _fail("likelihood evaluation needs both --ckpt and --data")
+    if not (Path(args.data) / "meta.json").is_file():
+        return _fail(f"{args.data}: not a prepared data folder (no meta.json; run `perceiver-music prepare`)")
+    buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip()) if args.buckets else ()
+    if list(buckets) != sorted(set(buckets)) or any(b < 1 for b in buckets):
+        return _fail("--buckets must be increasing positive token positions, e.g. 1024,4096")
+
+    from perceiver_music.evaluate.likelihood import evaluate_likelihood, write_likelihood
+
+    try:
+        result = evaluate_likelihood(
+            args.ckpt,
+            args.data,
+            args.split,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            buckets=buckets,
+            max_pieces=args.max_pieces,
+            device=None if args.device == "auto" else args.device,
+            progress=not args.quiet,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    meta = {"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split}
+    meta["stride"] = args.stride or "num_latents"
+    out = write_likelihood(result, args.out, meta)
+    print((out / "likelihood.md").read_text(), end="")
+    print(f"written: {out / 'likelihood.json'}, {out / 'likelihood.md'}, {out / 'likelihood.png'}")
+    return 0
+
+
+def _evaluate_sets(args: argparse.Namespace) -> int:
+    if not args.generated or args.reference is None:
+        return _fail("set evaluation needs --generated DIR [DIR ...] and --reference DIR")
+    from perceiver_music.evaluate.sets import SetError, evaluate_sets
+
+    names = args.names.split(",") if args.names else None
+    try:
+        result = evaluate_sets(
+            args.generated,
+            args.reference,
+            args.out,
+            names=names,
+            segments=args.segments,
+            plots=not args.no_plots,
+        )
+    except SetError as e:
+        return _fail(str(e))
+    out = Path(args.out)
+    print((out / "table.md").read_text(), end="")
+    excluded = sum(len(s["excluded"]) for s in result["sets"].values())
+    if excluded:
+        print(f"{excluded} file(s) excluded, listed above and in metrics.json", file=sys.stderr)
+    print(f"written: {out / 'metrics.json'}, {out / 'table.md'}, {out / 'plots'}/, {out / 'repetition.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perceiver-music",
@@ -280,6 +348,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="likelihood of a checkpoint, or the PerceiverS metric suite on sets of MIDI",
+        description="Two modes. Likelihood: --ckpt RUN_DIR --data DATA_DIR [--split test] scores "
+        "every token with full context (nats and bits per token, by position). Sets: --generated "
+        "DIR [DIR ...] --reference DIR computes the PerceiverS metrics, their intra/inter-set "
+        "distances, KL divergence and overlap area, and repetition.",
+    )
+    p.add_argument("--out", required=True, metavar="OUT_DIR")
+    p.add_argument("--ckpt", help="likelihood: a run folder or checkpoint")
+    p.add_argument("--data", metavar="DATA_DIR", help="likelihood: a folder made by `prepare`")
+    p.add_argument("--split", default="test", help="likelihood: the split to score (default test)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        help="likelihood: tokens scored per window (default num_latents; 1 = most context)",
+    )
+    p.add_argument(
+        "--buckets",
+        default="1024,4096",
+        help="likelihood: positions starting new buckets (default 1024,4096)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="likelihood: windows per forward pass")
+    p.add_argument("--max-pieces", type=int, help="likelihood: score only the first N pieces")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--generated", nargs="+", metavar="DIR", help="sets: one or more folders of generated MIDI"
+    )
+    p.add_argument("--reference", metavar="DIR", help="sets: the folder of reference MIDI")
+    p.add_argument("--names", help="sets: comma-separated names for the generated folders")
+    p.add_argument(
+        "--segments", type=int, default=64, help="sets: equal-time segments per piece (default 64)"
+    )
+    p.add_argument("--no-plots", action="store_true", help="sets: skip the PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

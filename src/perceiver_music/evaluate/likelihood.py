@@ -1,0 +1,168 @@
+"""Likelihood of a checkpoint on a prepared split: nats and bits per token, by position.
+
+    perceiver-music evaluate --ckpt RUN_DIR --data DATA_DIR [--split test] --out OUT_DIR [--stride S]
+
+Every token of every piece (after BOS) is scored once, with as much context as the model
+allows: windows end every `stride` tokens, each scores only its last `stride` targets, so each
+target sees at least max_len - stride + 1 tokens before it (or the whole piece so far). A
+stride of num_latents is the training-time tiling; a smaller stride gives more context per
+token at proportionally more compute, down to stride 1 (full context for every token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from perceiver_music.checkpoint import load_model
+from perceiver_music.data.windows import TokenData
+from perceiver_music.tokens.performance import PAD
+
+DEFAULT_BUCKETS = (1024, 4096)  # token positions where a new bucket starts
+
+
+@dataclass
+class LikelihoodResult:
+    nats_per_token: float
+    bits_per_token: float
+    tokens: int
+    pieces: int
+    buckets: list[dict]
+    per_piece: list[dict]
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def bucket_labels(bounds: tuple[int, ...]) -> list[str]:
+    edges = [0, *bounds]
+    labels = [f"{a:,}-{b - 1:,}" for a, b in zip(edges[:-1], edges[1:])]
+    return [*labels, f"{edges[-1]:,}+"]
+
+
+@torch.no_grad()
+def piece_nll(
+    model, tokens: np.ndarray, max_len: int, num_latents: int, stride: int, batch_size: int, device
+) -> np.ndarray:
+    """NLL (nats, float64) of tokens[1:] given everything before each, [len(tokens) - 1]."""
+    n = len(tokens)
+    out = np.full(n, np.nan)
+    ends = list(range(n, 1, -stride))[::-1]  # window ends (exclusive); targets (end - stride, end]
+    need = max_len + 1
+    for b in range(0, len(ends), batch_size):
+        batch_ends = ends[b : b + batch_size]
+        seq = np.full((len(batch_ends), need), PAD, np.int64)
+        pos = np.zeros((len(batch_ends), need), np.int64)
+        for row, end in enumerate(batch_ends):
+            chunk = tokens[max(0, end - need) : end]
+            seq[row, need - len(chunk) :] = chunk
+            pos[row, need - len(chunk) :] = np.arange(end - len(chunk), end)
+        seq_t = torch.from_numpy(seq).to(device)
+        logits = model(seq_t[:, :-1], torch.from_numpy(pos[:, :-1]).to(device), num_latents)  # [B, N, V]
+        targets = seq_t[:, -num_latents:]
+        nll = (
+            F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").double().cpu().numpy()
+        )
+        for row, end in enumerate(batch_ends):
+            take = min(stride, end - 1)  # the piece's first token (BOS) has nothing to predict it
+            out[end - take : end] = nll[row, -take:]
+    return out[1:]
+
+
+def evaluate_likelihood(
+    ckpt: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    stride: int | None = None,
+    batch_size: int = 8,
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+    max_pieces: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> LikelihoodResult:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config = load_model(ckpt, device)
+    data = TokenData(data_dir, split)
+    if len(data) == 0:
+        raise ValueError(f"{data_dir}: the {split} split has no pieces")
+    max_len = config.model.max_len
+    if config.model.arch == "perceiver_ar":
+        # Perceiver AR predicts its num_latents last positions; a stride below that keeps them
+        # all as queries (the model's training shape) and counts only the last `stride`.
+        stride = stride or config.model.num_latents
+        if not 1 <= stride <= config.model.num_latents:
+            raise ValueError(f"--stride must be in 1..{config.model.num_latents} (the number of latents)")
+        num_latents = config.model.num_latents
+    else:  # a Transformer predicts every position; ask for just the last `stride`
+        stride = stride or min(config.model.num_latents, max_len)
+        if not 1 <= stride <= max_len:
+            raise ValueError(f"--stride must be in 1..{max_len}")
+        num_latents = stride
+    labels = bucket_labels(buckets)
+    sums, counts = np.zeros(len(labels)), np.zeros(len(labels), np.int64)
+    per_piece = []
+    pieces = range(min(len(data), max_pieces or len(data)))
+    for i in tqdm(pieces, desc=f"likelihood {split}", unit="piece", disable=not progress):
+        tokens = np.asarray(data.piece(i), np.int64)
+        if len(tokens) < 2:
+            continue
+        nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device)
+        which = np.searchsorted(np.array(buckets), np.arange(1, len(tokens)), side="right")
+        sums += np.bincount(which, weights=nll, minlength=len(labels))
+        counts += np.bincount(which, minlength=len(labels))
+        per_piece.append({"piece": i, "tokens": len(nll), "nats_per_token": float(nll.mean())})
+    total, count = float(sums.sum()), int(counts.sum())
+    if count == 0:
+        raise ValueError(f"{data_dir}: the {split} split has no tokens to score")
+    rows = [
+        {
+            "label": label,
+            "tokens": int(c),
+            "nats_per_token": float(s / c) if c else None,
+            "bits_per_token": float(s / c / math.log(2)) if c else None,
+        }
+        for label, s, c in zip(labels, sums, counts)
+    ]
+    return LikelihoodResult(
+        total / count, total / count / math.log(2), count, len(per_piece), rows, per_piece
+    )
+
+
+def write_likelihood(result: LikelihoodResult, out_dir: str | os.PathLike, meta: dict) -> Path:
+    """likelihood.json, likelihood.md and likelihood.png in out_dir."""
+    from perceiver_music.evaluate.plots import likelihood_plot
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {**meta, **result.to_json(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = out / "likelihood.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    tmp.replace(out / "likelihood.json")
+    lines = [
+        f"# Likelihood: {meta['checkpoint']} on {meta['data']} ({meta['split']})",
+        "",
+        f"{result.pieces} pieces, {result.tokens:,} tokens, stride {meta['stride']}: "
+        f"**{result.nats_per_token:.4f} nats/token ({result.bits_per_token:.4f} bits)**.",
+        "",
+        "| token position | tokens | nats/token | bits/token |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in result.buckets:
+        if row["tokens"]:
+            lines.append(
+                f"| {row['label']} | {row['tokens']:,} | {row['nats_per_token']:.4f} | {row['bits_per_token']:.4f} |"
+            )
+        else:
+            lines.append(f"| {row['label']} | 0 | n/a (no piece that long) | n/a |")
+    (out / "likelihood.md").write_text("\n".join(lines) + "\n")
+    likelihood_plot(result.buckets, out / "likelihood.png", f"{meta['split']}: bits per token by position")
+    return out

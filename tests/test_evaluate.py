@@ -1,0 +1,168 @@
+"""`perceiver-music evaluate`: likelihood of a checkpoint, and the metric suite on folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from perceiver_music.checkpoint import load_model
+from perceiver_music.cli import main
+from perceiver_music.config import DataConfig
+from perceiver_music.data.windows import TokenData, WindowDataset
+from perceiver_music.evaluate.likelihood import evaluate_likelihood, piece_nll
+from perceiver_music.train import evaluate_windows
+
+from conftest import write_midi
+
+
+def random_pieces(folder, count, low=48, high=84, seed=0, notes=60):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        starts = np.sort(rng.integers(0, 20_000, notes))
+        write_midi(
+            folder / f"p{i}.mid", [(int(s), int(s) + 300, int(rng.integers(low, high)), 80) for s in starts]
+        )
+    return folder
+
+
+# ---------------------------------------------------------------- sets
+
+
+def test_set_evaluation_writes_the_table_plots_and_json(tmp_path, capsys):
+    ref = random_pieces(tmp_path / "ref", 5, seed=1)
+    near = random_pieces(tmp_path / "near", 4, seed=2)
+    far = random_pieces(tmp_path / "far", 4, low=90, high=100, seed=3)
+    write_midi(tmp_path / "far" / "silent.mid", [])  # a file with no notes: excluded, reported
+    (tmp_path / "far" / "broken.mid").write_bytes(b"MThd garbage")
+    out = tmp_path / "out"
+    rc = main(["evaluate", "--generated", str(near), str(far), "--reference", str(ref), "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "Table I" in printed.out and "2 file(s) excluded" in printed.err
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["sets"]["reference"]["pieces"] == 5 and result["sets"]["far"]["pieces"] == 4
+    reasons = {e["path"]: e["reason"] for e in result["sets"]["far"]["excluded"]}
+    assert reasons["silent.mid"] == "no notes" and "broken.mid" in reasons
+    for m in ("PC", "PR", "PCH"):
+        assert result["metrics"]["near"][m]["overlap"] > result["metrics"]["far"][m]["overlap"], m
+    table = (out / "table.md").read_text()
+    assert "| PC/seg |" in table and "near KLD" in table and "far OA" in table
+    assert "nan" not in table.lower() and "silent.mid: no notes" in table
+    assert (out / "plots" / "overview.png").stat().st_size > 10_000
+    assert (out / "plots" / "PC_per_seg.png").is_file() and (out / "repetition.png").is_file()
+    with np.load(out / "features.npz") as f:
+        assert f["near/PCH/seg"].shape == (4, 64 * 12)
+
+
+def test_set_evaluation_bad_input(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ref = random_pieces(tmp_path / "ref", 3)
+    one = random_pieces(tmp_path / "one", 1, seed=5)
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    write_midi(silent / "a.mid", [])
+    write_midi(silent / "b.mid", [])
+
+    def run(*args):
+        rc = main(["evaluate", *args, "--out", str(tmp_path / "out")])
+        return rc, capsys.readouterr().err
+
+    rc, err = run("--generated", str(empty), "--reference", str(ref))
+    assert rc == 2 and f"{empty}: no MIDI files" in err
+    rc, err = run("--generated", str(ref), "--reference", str(one))
+    assert rc == 2 and "reference set needs at least 2" in err
+    rc, err = run("--generated", str(silent), "--reference", str(ref))
+    assert rc == 2 and "found 0" in err and "a.mid: no notes" in err
+    rc, err = run("--generated", str(tmp_path / "missing"), "--reference", str(ref))
+    assert rc == 2 and "no such folder" in err
+    rc, err = run("--generated", str(ref))
+    assert rc == 2 and "--reference" in err
+    rc, err = run("--generated", str(ref), "--reference", str(ref), "--ckpt", "x")
+    assert rc == 2 and "either" in err
+    # One generated piece is enough: it has no intra-set distances, and the table says so.
+    rc, _ = run("--generated", str(one), "--reference", str(ref))
+    assert rc == 0 and "n/a (one piece)" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_set_evaluation_does_not_import_torch(tmp_path):
+    ref = random_pieces(tmp_path / "ref", 3)
+    code = (
+        "import sys; from perceiver_music.cli import main; "
+        f"rc = main(['evaluate', '--generated', {str(ref)!r}, '--reference', {str(ref)!r}, "
+        f"'--out', {str(tmp_path / 'o')!r}, '--no-plots']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# ---------------------------------------------------------------- likelihood
+
+
+def test_likelihood_matches_the_training_validation_tiling(tiny_run):
+    """With stride = num_latents the windows are the validation tiling train.py uses."""
+    model, config = load_model(tiny_run / "run")
+    data = TokenData(tiny_run / "data", "valid")
+    windows = WindowDataset(
+        data, DataConfig(segmentation="effective"), config.model.max_len, config.model.num_latents, False
+    )
+    expected, count = evaluate_windows(
+        model, windows, np.arange(len(windows)), 4, torch.device("cpu"), "fp32"
+    )
+    result = evaluate_likelihood(tiny_run / "run", tiny_run / "data", "valid", progress=False)
+    assert result.tokens == count == int(data.index[:, 1].sum()) - len(data)  # every token but BOS
+    assert result.nats_per_token == pytest.approx(expected, rel=1e-5)
+    assert result.bits_per_token == pytest.approx(expected / math.log(2), rel=1e-5)
+
+
+def test_likelihood_stride_gives_each_token_more_context(tiny_run):
+    model, config = load_model(tiny_run / "run")
+    tokens = np.asarray(TokenData(tiny_run / "data", "valid").piece(0), np.int64)
+    L, N = config.model.max_len, config.model.num_latents
+    assert len(tokens) > 2 * L  # long enough for context to be cut
+    coarse = piece_nll(model, tokens, L, N, N, 8, "cpu")
+    fine = piece_nll(model, tokens, L, N, 1, 8, "cpu")
+    # Stride 1: token t is scored with tokens max(0, t - L) .. t - 1 before it, computed directly.
+    for t in (1, 5, L // 2, L + 3, len(tokens) - 1):
+        window = tokens[max(0, t - L) : t]
+        inputs = torch.from_numpy(window)[None]
+        positions = torch.arange(t - len(window), t)[None]
+        with torch.no_grad():
+            logits = model(inputs, positions, N)[0, -1]
+        assert fine[t - 1] == pytest.approx(
+            -torch.log_softmax(logits, -1)[tokens[t]].item(), rel=1e-4, abs=1e-5
+        )
+    # For the first N - 1 targets both tilings' latents start at the piece's first token (PAD
+    # before it is masked), so the numbers agree. Later, a Perceiver AR latent also sees the
+    # latents before it in its window, which differ between the tilings, and so may the numbers.
+    np.testing.assert_allclose(fine[: N - 1], coarse[: N - 1], rtol=1e-4, atol=1e-5)
+    assert not np.isnan(fine).any() and not np.isnan(coarse).any()
+
+
+def test_likelihood_command_writes_buckets(tiny_run, tmp_path, capsys):
+    out = tmp_path / "lik"
+    args = ["evaluate", "--ckpt", str(tiny_run / "run"), "--data", str(tiny_run / "data"), "--split", "valid"]
+    assert main([*args, "--out", str(out), "--buckets", "32,100", "--quiet"]) == 0
+    assert "nats/token" in capsys.readouterr().out
+    result = json.loads((out / "likelihood.json").read_text())
+    assert [b["label"] for b in result["buckets"]] == ["0-31", "32-99", "100+"]
+    assert sum(b["tokens"] for b in result["buckets"]) == result["tokens"]
+    assert result["buckets"][0]["tokens"] == 31 * result["pieces"]  # positions 1..31 of every piece
+    weighted = sum(b["nats_per_token"] * b["tokens"] for b in result["buckets"]) / result["tokens"]
+    assert weighted == pytest.approx(result["nats_per_token"], rel=1e-9)
+    assert (out / "likelihood.md").is_file() and (out / "likelihood.png").is_file()
+
+    assert main([*args, "--out", str(out), "--stride", "99"]) == 2
+    assert "--stride must be in 1..16" in capsys.readouterr().err
+    assert (
+        main(["evaluate", "--ckpt", str(tiny_run / "run"), "--data", str(tmp_path), "--out", str(out)]) == 2
+    )
+    assert "not a prepared data folder" in capsys.readouterr().err
+    assert main([*args[:3], "--data", str(tiny_run / "data"), "--split", "nope", "--out", str(out)]) == 2
