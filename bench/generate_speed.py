@@ -67,9 +67,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, this folder heads sys.path, and bench/tokenize.py would shadow the standard
-# library's tokenize (which torch imports): look only elsewhere.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 
 def _load_train_throughput():

@@ -55,9 +55,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, this folder heads sys.path, and bench/tokenize.py would shadow the standard
-# library's tokenize (which torch imports): look only elsewhere.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 KRASSERM_VENV = REPO / "bench" / ".venv-krasserm"
 TORCH_PIN = "torch==2.13.0"  # first and pinned: other versions pull gigabytes of CUDA packages
 KRASSERM_PIN = "perceiver-io==0.11.0"

@@ -56,6 +56,7 @@ METRICS = [
 SEGMENTS = 64
 TRANSITION_SECONDS = 0.05
 BPM = 120.0
+EPS = 1e-9  # seconds: far below any real timing, far above float noise
 # mgeval's note-length classes in 96ths of a 4/4 bar: whole, half, quarter, 8th, 16th, their
 # dotted forms, then half, quarter and 8th triplets.
 LENGTH_CLASSES_96 = np.array([96, 48, 24, 12, 6, 72, 36, 18, 9, 32, 16, 8], np.float64)
@@ -80,18 +81,25 @@ def pitch_class_transitions(notes: Notes, threshold: float = TRANSITION_SECONDS)
     """
     order = np.argsort(notes.start, kind="stable")
     onsets, onset_class = notes.start[order], (notes.pitch[order] % 12).astype(np.int64)
-    # Candidates from a slightly wider window, then pretty_midi's exact test |end - onset| <
-    # threshold, so float rounding at the boundary decides alike.
+    # Candidates from a slightly wider window, then the strict test |end - onset| < threshold.
+    # Times on a 10 ms grid often differ by exactly 50 ms; EPS keeps float noise from counting
+    # some of those (pretty_midi's plain float test counts a few, at random).
     lo = np.searchsorted(onsets, notes.end - threshold - 1e-9, side="left")
     hi = np.searchsorted(onsets, notes.end + threshold + 1e-9, side="right")
     counts = np.maximum(hi - lo, 0)
     source = np.repeat(np.arange(len(notes)), counts)
     # Onset index of each pair: lo of its source plus its rank within the source's range.
     target = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    keep = np.abs(notes.end[source] - onsets[target]) < threshold
+    keep = np.abs(notes.end[source] - onsets[target]) < threshold - EPS
     source_class = (notes.pitch[source[keep]] % 12).astype(np.int64)
     pairs = source_class * 12 + onset_class[target[keep]]
     return np.bincount(pairs, minlength=144).reshape(12, 12).astype(np.float64)
+
+
+def segment_of(time: np.ndarray, span: float, segments: int) -> np.ndarray:
+    """Index of the equal-time segment holding each time; a time on a boundary opens the next
+    segment even when float division lands a hair below it."""
+    return np.minimum(np.floor(time / span * segments + EPS).astype(np.int64), segments - 1)
 
 
 def piece_features(notes: Notes, segments: int = SEGMENTS) -> dict[str, np.ndarray]:
@@ -107,7 +115,7 @@ def piece_features(notes: Notes, segments: int = SEGMENTS) -> dict[str, np.ndarr
 
     # 64 equal-time segments of [0, end of the last note]; a note belongs to its onset's segment.
     span = max(float(notes.end.max()), 1e-9)
-    seg = np.minimum((start / span * segments).astype(np.int64), segments - 1)
+    seg = segment_of(start, span, segments)
     seg_counts = np.bincount(seg, minlength=segments).astype(np.float64)
     used = np.zeros((segments, 128), bool)
     used[seg, pitch] = True
@@ -172,12 +180,24 @@ class Density:
         return cls(sample, max(bandwidth, floor))
 
     def __call__(self, grid: np.ndarray) -> np.ndarray:
-        # Chunked so a sample of 10^5 distances against a 10^3 grid stays within memory.
-        out = np.zeros(len(grid))
-        for i in range(0, len(self.sample), 4096):
-            z = (grid[:, None] - self.sample[None, i : i + 4096]) / self.bandwidth
-            out += np.exp(-0.5 * z * z).sum(axis=1)
-        return out / (len(self.sample) * self.bandwidth * np.sqrt(2 * np.pi))
+        """The density on an evenly spaced grid (np.linspace) that covers the sample.
+
+        The sample is linearly binned onto the grid and the bins convolved with the kernel, the
+        usual fast KDE: O(sample + grid log grid) rather than sample x grid, so the 10^5 inter-set
+        distances of two 300-piece sets cost milliseconds. Its error is second order in the grid
+        spacing, far below the differences the table reports.
+        """
+        from scipy.signal import fftconvolve
+
+        step = (grid[-1] - grid[0]) / (len(grid) - 1)
+        pos = np.clip((self.sample - grid[0]) / step, 0, len(grid) - 1)
+        left = np.minimum(pos.astype(np.int64), len(grid) - 2)
+        frac = pos - left
+        bins = np.bincount(left, 1 - frac, len(grid)) + np.bincount(left + 1, frac, len(grid))
+        half = min(int(np.ceil(5 * self.bandwidth / step)), len(grid) - 1)
+        z = np.arange(-half, half + 1) * step / self.bandwidth
+        kernel = np.exp(-0.5 * z * z) / (self.bandwidth * np.sqrt(2 * np.pi))
+        return np.maximum(fftconvolve(bins, kernel, mode="same"), 0) / len(self.sample)
 
 
 def shared_grid(a: Density, b: Density, points: int = 2048) -> np.ndarray:

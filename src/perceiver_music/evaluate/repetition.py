@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from perceiver_music.evaluate.metrics import segment_of
 from perceiver_music.tokens.performance import Notes
 
 MIN_NOTES = 4  # a trill of two notes played twice is not yet a loop
@@ -59,7 +60,7 @@ def repetition_profile(notes: Notes, segments: int = 16) -> dict[str, object]:
     notes = notes.sorted()
     mask = repeated_notes(notes)
     span = max(float(notes.end.max()) if len(notes) else 0.0, 1e-9)
-    seg = np.minimum((notes.start / span * segments).astype(np.int64), segments - 1)
+    seg = segment_of(notes.start, span, segments)
     per_segment = np.bincount(seg[mask], minlength=segments) / (span / segments)
     return {
         "repeated_per_second": float(mask.sum() / span),
@@ -80,7 +81,8 @@ def token_autocorrelation(tokens: np.ndarray, max_lag: int = MAX_LAG) -> np.ndar
     energy = float(x @ x)
     if energy == 0:
         return np.full(max_lag, np.nan)
-    size = 1 << int(np.ceil(np.log2(2 * len(x))))  # zero-padded: linear, not circular, correlation
-    spectrum = np.fft.rfft(x, size)
-    corr = np.fft.irfft(spectrum * np.conj(spectrum), size)[1 : max_lag + 1]
-    return corr / energy
+    # Row t of the view is x[t .. t + max_lag], zero past the end: one matrix-vector product
+    # gives every lag's sum, and no more than the lags asked for are computed.
+    padded = np.concatenate([x, np.zeros(max_lag)])
+    rows = np.lib.stride_tricks.sliding_window_view(padded, max_lag + 1)[: len(x)]
+    return (x @ rows)[1:] / energy

@@ -20,23 +20,17 @@ The result is ours/miditok in files/s, checked against the target of at least 20
 
 Run from the repository root:
 
-    python bench/tokenize.py                      # all files under ../shared/data/asap, 2 workers
-    python bench/tokenize.py --limit 100 --workers 1 --out /tmp/tokenize.json
+    python bench/tokenize_speed.py                      # all files under ../shared/data/asap, 2 workers
+    python bench/tokenize_speed.py --limit 100 --workers 1 --out /tmp/tokenize.json
 """
-
-import os
-import sys
-
-# `python bench/tokenize.py` puts bench/ first on sys.path, where this file would stand in for
-# the standard library's `tokenize` (imported by inspect, linecache, ...). Take bench/ off.
-if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
-    sys.path.pop(0)
 
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager, suppress
