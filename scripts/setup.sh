@@ -4,6 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# FluidSynth and a General MIDI soundfont turn MIDI into audio (`render`, and `generate`'s WAV).
+if ! command -v fluidsynth >/dev/null || [ ! -e /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then
+    apt=(apt-get)
+    [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)
+    if command -v apt-get >/dev/null && "${apt[@]}" update -qq >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq --no-install-recommends \
+            fluidsynth fluid-soundfont-gm >/dev/null
+    else
+        echo "setup: could not install FluidSynth; MIDI and piano rolls work, audio needs:" >&2
+        echo "       sudo apt-get install fluidsynth fluid-soundfont-gm" >&2
+    fi
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
@@ -15,7 +28,7 @@ if [ ! -f "$stamp" ]; then
     # torch first, pinned: on CPU machines this version comes from a local wheel, and any other
     # version would pull gigabytes of CUDA packages. pyproject's range admits it.
     quiet_pip "torch==2.13.0"
-    quiet_pip -e ".[dev]"
+    quiet_pip -e ".[dev,audio]"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

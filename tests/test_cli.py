@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from perceiver_music.cli import main
+from perceiver_music.render import rendering_available
 from perceiver_music.tokens.performance import PerformanceTokenizer
 
 from conftest import write_midi
@@ -48,8 +49,30 @@ def test_module_entry_point_and_no_torch_import(tmp_path):
         "import sys; from perceiver_music.cli import main; "
         f"rc = main(['tokenize', {str(tmp_path / 'a.mid')!r}, '--out', {str(tmp_path / 'o.json')!r}]); "
         f"main(['prepare', {str(tmp_path)!r}, '--out', {str(tmp_path / 'data')!r}, '--quiet']); "
+        f"main(['render', {str(tmp_path / 'a.mid')!r}, '--out', {str(tmp_path / 'r')!r}, '--format', 'none']); "
         "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert (tmp_path / "r" / "a.png").is_file()
     done = subprocess.run([sys.executable, "-m", "perceiver_music", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "prepare" in done.stdout and "tokenize" in done.stdout
+
+
+def test_render_command(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    write_midi(tmp_path / "in" / "a.mid", [(0, 500, 60, 80)])
+    (tmp_path / "in" / "bad.mid").write_bytes(b"MThd nonsense")
+    out = tmp_path / "out"
+    assert main(["render", str(tmp_path / "in"), "--out", str(out), "--format", "none", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert str(out / "a.png") in captured.out and "bad.mid" in captured.err
+    assert main(["render", str(tmp_path / "in" / "bad.mid"), "--out", str(out), "--format", "none"]) == 1
+    assert main(["render", str(tmp_path / "in"), "--out", str(out), "--loudness", "loud"]) == 2
+    assert "--loudness must be a number" in capsys.readouterr().err
+    if rendering_available():
+        assert main(["render", str(tmp_path / "in" / "a.mid"), "--out", str(out), "--no-png", "--quiet"]) == 0
+        assert (out / "a.wav").read_bytes()[:4] == b"RIFF"
+    assert (
+        main(["render", str(tmp_path / "in"), "--out", str(out), "--soundfont", str(tmp_path / "x.sf2")]) == 2
+    )
+    assert "x.sf2" in capsys.readouterr().err

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from perceiver_music import checkpoint
 from perceiver_music.cli import main
 from perceiver_music.generate import prompt_tokens
+from perceiver_music.render import rendering_available
 from perceiver_music.tokens.performance import BOS, PerformanceTokenizer
 
 from conftest import write_midi
@@ -42,6 +44,7 @@ def test_unconditional_batch(run_dir, tmp_path, capsys):
                 "--tokens",
                 "150",
                 "--quiet",
+                "--no-render",
                 "--seed",
                 "3",
                 "--top-k",
@@ -60,7 +63,7 @@ def test_unconditional_batch(run_dir, tmp_path, capsys):
 
 
 def test_same_seed_same_music_with_and_without_cache(run_dir, tmp_path):
-    args = ["generate", "--ckpt", str(run_dir), "--tokens", "120", "--quiet", "--seed", "7"]
+    args = ["generate", "--ckpt", str(run_dir), "--tokens", "120", "--quiet", "--seed", "7", "--no-render"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b"), "--no-cache"]) == 0
     assert (tmp_path / "a" / "sample_00.mid").read_bytes() == (tmp_path / "b" / "sample_00.mid").read_bytes()
@@ -89,6 +92,16 @@ def test_continuing_a_prompt_keeps_it(run_dir, tmp_path, capsys):
     original = TOK.vocab.names(TOK.encode(prompt))
     continued = TOK.vocab.names(TOK.encode(out / "sample_00.mid"))
     assert continued[: len(original) - 1] == original[:-1]  # the prompt's events come first
+    # The piano roll (the prompt's end marked at 0.9 s, its last note-off) and, where FluidSynth
+    # is installed, the audio are written beside the MIDI and listed.
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["prompt_seconds"] == 0.9
+    assert (out / "sample_00.png").stat().st_size > 5_000
+    printed = capsys.readouterr().out
+    assert str(out / "sample_00.png") in printed
+    if rendering_available():
+        assert settings["rendered"] == ["sample_00.png", "sample_00.wav"]
+        assert (out / "sample_00.wav").read_bytes()[:4] == b"RIFF"
 
 
 def test_long_prompts_are_trimmed_and_seconds_taken_from_the_end(tmp_path):
@@ -109,7 +122,19 @@ def test_length_in_seconds(run_dir, tmp_path):
     out = tmp_path / "out"
     assert (
         main(
-            ["generate", "--ckpt", str(run_dir), "--out", str(out), "--seconds", "3", "--quiet", "--num", "3"]
+            [
+                "generate",
+                "--ckpt",
+                str(run_dir),
+                "--out",
+                str(out),
+                "--seconds",
+                "3",
+                "--quiet",
+                "--num",
+                "3",
+                "--no-render",
+            ]
         )
         == 0
     )
@@ -128,7 +153,6 @@ def test_bad_input_is_refused_before_any_work(run_dir, tmp_path, capsys):
         (["--ckpt", missing, "--seconds", "-2"], "--seconds must be positive"),
         (["--ckpt", missing, "--prompt", str(tmp_path / "nope.mid")], "no such prompt file"),
         (["--ckpt", missing], "no checkpoint here"),
-        ([], "no bundled model"),
     ]
     for extra, message in cases:
         assert main(["generate", "--out", str(tmp_path / "o"), "--quiet", *extra]) == 2
@@ -153,3 +177,14 @@ def test_bad_input_is_refused_before_any_work(run_dir, tmp_path, capsys):
         )
         err = capsys.readouterr().err
         assert message in err and name in err
+
+
+def test_without_ckpt_the_bundled_model_is_used(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "BUNDLED", tmp_path / "nothing")
+    assert main(["generate", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "no bundled model in this installation" in capsys.readouterr().err
+    monkeypatch.setattr(checkpoint, "BUNDLED", run_dir / "best")
+    out = tmp_path / "bundled"
+    assert main(["generate", "--out", str(out), "--tokens", "30", "--quiet", "--no-render"]) == 0
+    assert json.loads((out / "generate.json").read_text())["checkpoint"] == "bundled"
+    TOK.encode(out / "sample_00.mid")

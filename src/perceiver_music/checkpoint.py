@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from perceiver_music.config import Config, from_dict
 
 STEP_PREFIX = "step_"
+BUNDLED = Path(__file__).resolve().parent / "bundled"  # the default model: weights, config, card
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -167,8 +168,21 @@ def read_config(path: Path) -> Config:
     return from_dict(Config, json.loads(path.read_text()))
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from a run folder (best, else latest) or a checkpoint folder."""
+def bundled() -> Path:
+    """The default model shipped inside the package (see bundled/MODEL_CARD.md)."""
+    if not (BUNDLED / "model.safetensors").is_file() or not (BUNDLED / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no bundled model in this installation ({BUNDLED}); pass --ckpt RUN_DIR, "
+            "or train one with recipes/default_model.sh"
+        )
+    return BUNDLED
+
+
+def resolve(path: str | os.PathLike | None) -> Path:
+    """A checkpoint folder from a run folder (best, else latest), a checkpoint folder, or None
+    for the bundled model."""
+    if path is None:
+        return bundled()
     path = Path(path)
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
         return path
@@ -183,8 +197,8 @@ def resolve(path: str | os.PathLike) -> Path:
     )
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode, Config) from a checkpoint or run folder."""
+def load_model(path: str | os.PathLike | None, device: str | torch.device = "cpu"):
+    """(model in eval mode, Config) from a checkpoint or run folder; None: the bundled model."""
     from perceiver_music.model import build_model
 
     ckpt = resolve(path)

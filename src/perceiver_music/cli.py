@@ -1,7 +1,7 @@
 """`perceiver-music` command line: each subcommand is a thin call into a library function.
 
-Commands that need no model (tokenize, prepare) import neither torch nor the model code, so
-they start in a fraction of a second.
+Commands that need no model (tokenize, prepare, render, set evaluation) import neither torch
+nor the model code, so they start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -142,8 +142,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be positive")
     if args.prompt is not None and not Path(args.prompt).is_file():
         return _fail(f"{args.prompt}: no such prompt file")
-    if args.ckpt is None:
-        return _fail("no bundled model in this version yet: pass --ckpt RUN_DIR (a run folder or checkpoint)")
     if (args.prompt_tokens or args.prompt_seconds) and args.prompt is None:
         return _fail("--prompt-tokens / --prompt-seconds need --prompt FILE.mid")
 
@@ -171,6 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             refill=args.refill,
             device=device,
             progress=not args.quiet,
+            render=not args.no_render,
+            audio_format=None if args.format == "none" else args.format,
+            soundfont=args.soundfont,
         )
     except FileNotFoundError as e:
         return _fail(str(e))
@@ -180,6 +181,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(note)
     for path, n, secs in zip(result.midi_files, result.generated_tokens, result.seconds):
         print(f"{path}: {n} new tokens, {secs:.1f} s of music")
+    for path in result.rendered:
+        print(f"{path}")
     print(
         f"{sum(result.generated_tokens)} tokens at {result.tokens_per_s:.0f} tokens/s; "
         f"settings in {result.out_dir / 'generate.json'}"
@@ -255,6 +258,36 @@ def _evaluate_sets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from perceiver_music.render import RenderError, render_files
+
+    try:
+        loudness = None if args.loudness == "off" else float(args.loudness)
+    except ValueError:
+        return _fail(f"--loudness must be a number of LUFS (e.g. -16) or off, not {args.loudness!r}")
+    try:
+        report = render_files(
+            args.paths,
+            args.out,
+            audio_format=None if args.format == "none" else args.format,
+            png=not args.no_png,
+            soundfont=args.soundfont,
+            sample_rate=args.sample_rate,
+            loudness=loudness,
+            progress=not args.quiet,
+        )
+    except (RenderError, ValueError) as e:
+        return _fail(str(e))
+    for path in report.written:
+        print(path)
+    for path, level in report.levels.items():
+        if level.peak_limited:
+            print(f"{path}: {level.loudness:.1f} LUFS (held below the -1 dBFS peak ceiling)", file=sys.stderr)
+    for path, reason in report.failed:
+        print(f"{path}: {reason}", file=sys.stderr)
+    return 1 if report.failed and not report.written else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perceiver-music",
@@ -325,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate pieces (MIDI) from a trained model",
         description="Generate unconditionally (from BOS) or continue a MIDI prompt.",
     )
-    p.add_argument("--ckpt", help="a run folder (its best checkpoint) or a checkpoint folder")
+    p.add_argument(
+        "--ckpt",
+        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model)",
+    )
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument("--prompt", metavar="FILE.mid", help="continue this MIDI file")
     p.add_argument("--prompt-tokens", type=int, metavar="K", help="use only the last K tokens of the prompt")
@@ -346,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--refill", type=int, help="latents kept at a cache refill (default num_latents / 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-render", action="store_true", help="MIDI only: no piano roll, no audio")
+    p.add_argument(
+        "--format", default="wav", choices=["wav", "flac", "none"], help="audio format (default wav)"
+    )
+    p.add_argument(
+        "--soundfont", metavar="SF2", help="the soundfont for audio (default: the system's GM bank)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -385,6 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="sets: skip the PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "render",
+        help="MIDI to audio (FluidSynth) and piano-roll PNGs",
+        description="Render MIDI files (and folders, recursed) to loudness-normalised WAV or FLAC "
+        "through FluidSynth, and to piano-roll PNGs (pitch over time, velocity as colour, pedal).",
+    )
+    p.add_argument("paths", nargs="+", metavar="MIDI", help="MIDI files or folders")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--format", default="wav", choices=["wav", "flac", "none"], help="audio format (default wav)"
+    )
+    p.add_argument("--no-png", action="store_true", help="no piano rolls")
+    p.add_argument("--soundfont", metavar="SF2", help="the soundfont (default: the system's GM bank)")
+    p.add_argument("--sample-rate", type=int, default=44100)
+    p.add_argument("--loudness", default="-16", help="target loudness in LUFS, or off (default -16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_render)
     return parser
 
 

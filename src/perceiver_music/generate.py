@@ -2,8 +2,9 @@
 
 Unconditional (from BOS) or continuing a MIDI prompt (its last k tokens, or its last s
 seconds), --num samples as one batch, length in tokens or seconds, stopping at EOS, lengths
-far beyond the training context. Writes one MIDI per sample and generate.json with the
-settings used.
+far beyond the training context. Writes one MIDI per sample, its piano roll (PNG, the prompt's
+end marked) and, where FluidSynth is installed, its audio (WAV or FLAC), and generate.json
+with the settings used.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class GenerateResult:
     seconds: list[float]  # length of each piece (prompt included)
     tokens_per_s: float
     notes: list[str] = field(default_factory=list)
+    rendered: list[Path] = field(default_factory=list)  # PNG and audio files
 
 
 def prompt_tokens(
@@ -66,7 +68,7 @@ def prompt_tokens(
 
 
 def generate_midi(
-    ckpt: str | os.PathLike,
+    ckpt: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     prompt: str | os.PathLike | None = None,
     num: int = 1,
@@ -80,11 +82,17 @@ def generate_midi(
     refill: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    render: bool = True,
+    audio_format: str | None = "wav",
+    soundfont: str | os.PathLike | None = None,
 ) -> GenerateResult:
     """Generate `num` pieces and write them as MIDI into out_dir (see the module docstring).
 
+    ckpt: a run or checkpoint folder; None for the bundled model.
     tokens: how many tokens to generate (default 1024 when neither tokens nor seconds is given);
     seconds: stop a piece once its continuation lasts this long (tokens then only caps it).
+    render: also write each piece's piano roll and, with `audio_format` ("wav", "flac" or None),
+    its audio; when FluidSynth or a soundfont is missing the audio is skipped and a note says why.
     """
     sampling = sampling or SamplingConfig()
     if num < 1:
@@ -136,10 +144,14 @@ def generate_midi(
         durations.append(float(decoded.end.max()) / tok.cfg.steps_per_second if len(decoded) else 0.0)
     generated = sum(lengths)
     result = GenerateResult(out, files, len(ids), lengths, durations, generated / max(elapsed, 1e-9), notes)
+    prompt_end = float(tok.vocab.shift_steps(ids).sum()) / tok.cfg.steps_per_second if prompt else None
+    if render:
+        result.rendered = _render(files, prompt_end, audio_format, soundfont, notes)
     settings = {
-        "checkpoint": str(ckpt),
+        "checkpoint": "bundled" if ckpt is None else str(ckpt),
         "prompt": None if prompt is None else str(prompt),
         "prompt_tokens": len(ids),
+        "prompt_seconds": prompt_end,
         "num": num,
         "max_tokens": tokens,
         "seconds": seconds,
@@ -153,9 +165,32 @@ def generate_midi(
         "piece_seconds": [round(d, 2) for d in durations],
         "tokens_per_second": round(result.tokens_per_s, 1),
         "notes": notes,
+        "rendered": [p.name for p in result.rendered],
     }
     (out / "generate.json").write_text(json.dumps(settings, indent=1))
     return result
+
+
+def _render(
+    files: list[Path], prompt_end: float | None, audio_format: str | None, soundfont, notes: list[str]
+) -> list[Path]:
+    """Piano rolls (the prompt's end marked) and, when FluidSynth can, audio next to each MIDI."""
+    from perceiver_music import render
+
+    written = [
+        render.piano_roll(path, path.with_suffix(".png"), boundary=prompt_end, title=path.name)
+        for path in files
+    ]
+    if audio_format is None:
+        return written
+    try:
+        for path in files:
+            written.append(
+                render.render_audio(path, path.with_suffix(f".{audio_format}"), soundfont=soundfont)
+            )
+    except render.RenderError as e:  # no fluidsynth, soundfont or audio extra: the MIDI and PNG stand
+        notes.append(f"no audio written: {e}")
+    return written
 
 
 def _time_limit(tok: PerformanceTokenizer, max_steps: int):
