@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Set everything up, then prepare a folder of piano MIDI into training data and print its
-# summary. Usage: scripts/quickstart.sh [MIDI_DIR [DATA_DIR]]
+# Install everything, then generate a piece with the bundled model: MIDI, WAV and a piano roll.
+#
+#   bash scripts/quickstart.sh                      # 45 s of music into out/quickstart
+#   bash scripts/quickstart.sh out/mine --seconds 90 --seed 7 --prompt theme.mid
+#
+# Arguments after the output folder go to `perceiver-music generate` as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-midi_dir=${1:-../shared/data/asap}
-data_dir=${2:-data/asap}
-if [ ! -d "$midi_dir" ]; then
-    echo "quickstart: no MIDI folder at $midi_dir; pass one: scripts/quickstart.sh MIDI_DIR" >&2
-    exit 2
-fi
-.venv/bin/perceiver-music prepare "$midi_dir" --out "$data_dir"
+out=${1:-out/quickstart}
+shift || true
+start=$(date +%s)
+.venv/bin/perceiver-music generate --out "$out" --seconds 45 "$@"
 echo
-echo "Token data is in $data_dir; look at one piece's events with:"
-echo "  .venv/bin/perceiver-music tokenize \"$(find "$midi_dir" -name '*.mid' | sort | head -n 1)\" | head -c 600"
+echo "Done in $(( $(date +%s) - start )) s. Listen to $out/sample_00.wav, look at $out/sample_00.png,"
+echo "open $out/sample_00.mid in any MIDI player or DAW. More: .venv/bin/perceiver-music --help"
