@@ -166,3 +166,30 @@ def test_likelihood_command_writes_buckets(tiny_run, tmp_path, capsys):
     )
     assert "not a prepared data folder" in capsys.readouterr().err
     assert main([*args[:3], "--data", str(tiny_run / "data"), "--split", "nope", "--out", str(out)]) == 2
+
+
+def test_transformer_likelihood_is_independent_of_the_stride_within_a_window(tiny_run, tmp_path):
+    """A Transformer's prediction depends only on the tokens before it, so while the whole
+    prefix fits in the window every stride must give the same number for every token."""
+    from perceiver_music.config import load_config
+    from perceiver_music.train import train
+
+    cfg = load_config(
+        "debug",
+        [
+            "model.arch=transformer",
+            "model.max_len=64",
+            "model.num_latents=64",
+            "model.width=32",
+            "model.layers=1",
+        ]
+        + ["train.steps=2", "train.batch_size=2"],
+    )
+    train(cfg, tiny_run / "data", tmp_path / "tf", progress=False)
+    model, config = load_model(tmp_path / "tf")
+    tokens = np.asarray(TokenData(tiny_run / "data", "valid").piece(0), np.int64)
+    a = piece_nll(model, tokens, 64, 16, 16, 4, "cpu")
+    b = piece_nll(model, tokens, 64, 5, 5, 4, "cpu")
+    np.testing.assert_allclose(a[:63], b[:63], rtol=1e-4, atol=1e-5)
+    result = evaluate_likelihood(tmp_path / "tf", tiny_run / "data", "valid", stride=16, progress=False)
+    assert result.tokens == int(TokenData(tiny_run / "data", "valid").index[:, 1].sum()) - result.pieces
