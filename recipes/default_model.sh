@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Trains the bundled default model: a small PerceiverS on the ASAP performances (split by piece),
+# and, with the same recipe and step budget, its Perceiver AR baseline (one full cross-attention,
+# baseline segmentation) so the model card can compare the two.
+#
+#   bash recipes/default_model.sh                 # both models, then evaluate them
+#   STEPS=300 bash recipes/default_model.sh       # a shorter budget
+#   THREADS=1 PARALLEL=1 bash ...                 # train the two side by side, a core each
+#
+# Runs on CPU or on a GPU when one is visible (train.precision=auto uses bf16 there).
+# When it is done, `python recipes/bundle_model.py runs/default/perceivers` copies the weights
+# into the package and writes the model card.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ASAP=${ASAP:-../shared/data/asap}
+DATA=${DATA:-data/asap}
+OUT=${OUT:-runs/default}
+STEPS=${STEPS:-1800}
+THREADS=${THREADS:-}
+PARALLEL=${PARALLEL:-0}
+
+bash scripts/setup.sh >/dev/null
+. .venv/bin/activate
+[ -n "$THREADS" ] && export OMP_NUM_THREADS="$THREADS"
+
+perceiver-music prepare "$ASAP" --out "$DATA"
+
+common=(--config asap_cpu --data "$DATA" "train.steps=$STEPS" train.eval_every=300 train.eval_windows=128
+        train.ckpt_every=300 train.seed=0)
+run() {  # name, overrides...
+    local name=$1; shift
+    if [ -e "$OUT/$name/config.json" ]; then resume=(--resume); else resume=(); fi
+    perceiver-music train "${common[@]}" --out "$OUT/$name" "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
+}
+mkdir -p "$OUT"
+if [ "$PARALLEL" = 1 ]; then
+    run perceivers & a=$!
+    run perceiver_ar 'model.scales=[full]' data.segmentation=baseline & b=$!
+    wait $a; wait $b
+else
+    run perceivers
+    run perceiver_ar 'model.scales=[full]' data.segmentation=baseline
+fi
+
+# Likelihood on the held-out pieces, every token with full context.
+for name in perceivers perceiver_ar; do
+    for split in valid test; do
+        perceiver-music evaluate --ckpt "$OUT/$name" --data "$DATA" --split "$split" --out "$OUT/eval/$name-$split" --quiet
+    done
+done
+
+# The metric suite: SAMPLES unconditioned pieces from each model against the test performances.
+SAMPLES=${SAMPLES:-16}
+SAMPLE_TOKENS=${SAMPLE_TOKENS:-2048}
+for name in perceivers perceiver_ar; do
+    perceiver-music generate --ckpt "$OUT/$name" --out "$OUT/samples/$name" --num "$SAMPLES" \
+        --tokens "$SAMPLE_TOKENS" --seed 1 --quiet --no-render
+done
+python - "$DATA" "$OUT/reference-test" <<'PY'
+import json, os, sys
+data, out = sys.argv[1], sys.argv[2]
+meta = json.load(open(os.path.join(data, "meta.json")))
+os.makedirs(out, exist_ok=True)
+for i, piece in enumerate(p for p in meta["pieces"] if p["split"] == "test"):
+    link = os.path.join(out, f"{i:03d}_" + os.path.basename(piece["path"]))
+    if not os.path.lexists(link):
+        os.symlink(os.path.join(meta["source"], piece["path"]), link)
+PY
+perceiver-music evaluate --generated "$OUT/samples/perceivers" "$OUT/samples/perceiver_ar" \
+    --names PerceiverS,PerceiverAR --reference "$OUT/reference-test" --out "$OUT/eval/sets"
+
+echo "done: python recipes/bundle_model.py copies the PerceiverS model into the package"
