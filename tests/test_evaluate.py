@@ -59,6 +59,10 @@ def test_set_evaluation_writes_the_table_plots_and_json(tmp_path, capsys):
     assert (out / "plots" / "PC_per_seg.png").is_file() and (out / "repetition.png").is_file()
     with np.load(out / "features.npz") as f:
         assert f["near/PCH/seg"].shape == (4, 64 * 12)
+    with np.load(out / "distances.npz") as d:
+        assert d["near/PC/intra_reference"].shape == (10,) and d["far/NLTM/inter"].shape == (20,)
+        assert d["near/PR/intra_generated"].shape == (6,)
+        assert d["far/PR/inter"].mean() == pytest.approx(result["metrics"]["far"]["PR"]["inter"]["mean"])
 
 
 def test_set_evaluation_bad_input(tmp_path, capsys):

@@ -231,25 +231,41 @@ def compare_distributions(a: np.ndarray, b: np.ndarray, points: int = 2048) -> d
     return {"kl": kl, "overlap": min(overlap, 1.0)}
 
 
-def compare_sets(generated: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Per metric: the distances' summaries and KL / overlap of intra-reference vs inter-set.
-
-    `generated` and `reference` are stack_features outputs. The reference needs two pieces
-    (its intra-set distances are the yardstick); the generated set needs one.
-    """
+def set_distances(generated: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per metric: {"intra_reference", "inter", and "intra_generated" when the generated set
+    has two pieces or more}, each a 1-D array of distances. Inputs are stack_features outputs."""
     out = {}
     for m in METRICS:
-        intra_ref = intra_set_distances(reference[m])
-        inter = inter_set_distances(generated[m], reference[m])
         row = {
-            "intra_reference": _summary(intra_ref),
-            "inter": _summary(inter),
-            **compare_distributions(intra_ref, inter),
+            "intra_reference": intra_set_distances(reference[m]),
+            "inter": inter_set_distances(generated[m], reference[m]),
         }
         if len(generated[m]) > 1:
-            intra_gen = intra_set_distances(generated[m])
-            row["intra_generated"] = _summary(intra_gen)
-            row["intra_generated_vs_inter"] = compare_distributions(intra_gen, inter)
+            row["intra_generated"] = intra_set_distances(generated[m])
+        out[m] = row
+    return out
+
+
+def compare_sets(
+    generated: dict[str, np.ndarray], reference: dict[str, np.ndarray], distances: dict | None = None
+) -> dict[str, dict]:
+    """Per metric: the distances' summaries and KL / overlap of intra-reference vs inter-set.
+
+    The reference needs two pieces (its intra-set distances are the yardstick); the generated
+    set needs one. `distances` (set_distances' result) saves computing them again.
+    """
+    distances = distances or set_distances(generated, reference)
+    out = {}
+    for m in METRICS:
+        d = distances[m]
+        row = {
+            "intra_reference": _summary(d["intra_reference"]),
+            "inter": _summary(d["inter"]),
+            **compare_distributions(d["intra_reference"], d["inter"]),
+        }
+        if "intra_generated" in d:
+            row["intra_generated"] = _summary(d["intra_generated"])
+            row["intra_generated_vs_inter"] = compare_distributions(d["intra_generated"], d["inter"])
         out[m] = row
     return out
 

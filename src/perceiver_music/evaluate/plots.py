@@ -17,21 +17,16 @@ def _slug(metric: str) -> str:
     return metric.replace("/", "_per_")
 
 
-def _densities(ax, ref, gens, metric: str) -> None:
-    intra_ref = metrics.intra_set_distances(ref.features[metric])
-    curves = [("intra reference", intra_ref, "black", "-")]
-    for i, g in enumerate(gens):
-        color = f"C{i}"
-        curves.append(
-            (
-                f"inter {g.name}",
-                metrics.inter_set_distances(g.features[metric], ref.features[metric]),
-                color,
-                "-",
-            )
-        )
-        if len(g) > 1:
-            curves.append((f"intra {g.name}", metrics.intra_set_distances(g.features[metric]), color, ":"))
+def _densities(ax, distances: dict[str, dict], metric: str) -> None:
+    """KDEs of one metric's distances: intra-reference (black), and per generated set its
+    inter-set (solid) and intra-set (dotted) distances."""
+    first = next(iter(distances.values()))[metric]
+    curves = [("intra reference", first["intra_reference"], "black", "-")]
+    for i, (name, per_metric) in enumerate(distances.items()):
+        d = per_metric[metric]
+        curves.append((f"inter {name}", d["inter"], f"C{i}", "-"))
+        if "intra_generated" in d:
+            curves.append((f"intra {name}", d["intra_generated"], f"C{i}", ":"))
     scale = max(float(np.abs(c[1]).max()) for c in curves) or 1.0
     fitted = [metrics.Density.fit(c[1], scale) for c in curves]
     lo = min(d.sample.min() - 4 * d.bandwidth for d in fitted)
@@ -44,14 +39,14 @@ def _densities(ax, ref, gens, metric: str) -> None:
     ax.set_yticks([])
 
 
-def metric_densities(ref, gens, out_dir: Path) -> list[Path]:
-    """One PNG per metric plus overview.png: KDEs of the intra-reference, inter-set and
-    intra-generated distances. Closer curves mean a closer match to the reference."""
+def metric_densities(distances: dict[str, dict], out_dir: Path) -> list[Path]:
+    """One PNG per metric plus overview.png from {generated set: set_distances(...)}: the closer
+    a set's inter-set curve lies to the intra-reference curve, the closer it is to the reference."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for m in metrics.METRICS:
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        _densities(ax, ref, gens, m)
+        _densities(ax, distances, m)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"{_slug(m)}.png"
@@ -62,7 +57,7 @@ def metric_densities(ref, gens, out_dir: Path) -> list[Path]:
     rows = -(-len(metrics.METRICS) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows))
     for ax, m in zip(axes.ravel(), metrics.METRICS):
-        _densities(ax, ref, gens, m)
+        _densities(ax, distances, m)
     for ax in axes.ravel()[len(metrics.METRICS) :]:
         ax.axis("off")
     handles, labels = axes.ravel()[0].get_legend_handles_labels()

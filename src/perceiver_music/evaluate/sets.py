@@ -129,7 +129,8 @@ def evaluate_sets(
         for i, s in enumerate(gens):
             s.name = f"{s.name}[{i}]"
 
-    comparisons = {s.name: metrics.compare_sets(s.features, ref.features) for s in gens}
+    distances = {s.name: metrics.set_distances(s.features, ref.features) for s in gens}
+    comparisons = {s.name: metrics.compare_sets(s.features, ref.features, distances[s.name]) for s in gens}
     result = {
         "segments": segments,
         "notes": (
@@ -146,11 +147,20 @@ def evaluate_sets(
         out / "features.npz",
         **{f"{s.name}/{m}": s.features[m] for s in [ref, *gens] for m in metrics.METRICS},
     )
+    np.savez_compressed(
+        out / "distances.npz",
+        **{
+            f"{g}/{m}/{kind}": d
+            for g, per in distances.items()
+            for m, row in per.items()
+            for kind, d in row.items()
+        },
+    )
     _write_json(out / "metrics.json", result)
     if plots:
         from perceiver_music.evaluate import plots as plotting
 
-        plotting.metric_densities(ref, gens, out / "plots")
+        plotting.metric_densities(distances, out / "plots")
         plotting.repetition_plot([ref, *gens], out / "repetition.png")
     return result
 
