@@ -83,6 +83,15 @@ def _difference(ev: Path) -> list[str]:
     return out
 
 
+def _sampling(runs: Path) -> str:
+    g = _json(runs / "samples" / "perceivers" / "generate.json")
+    if g is None:
+        return "settings not recorded"
+    secs = g["piece_seconds"]
+    sampling = ", ".join(f"{k} {v}" for k, v in g["sampling"].items())
+    return f"{g['max_tokens']:,} tokens each, {min(secs):.0f}-{max(secs):.0f} s of music, {sampling}, seed {g['seed']}"
+
+
 def card(runs: Path, data: Path, hardware: str) -> str:
     main, base = runs / "perceivers", runs / "perceiver_ar"
     ev = runs / "eval"
@@ -163,8 +172,12 @@ def card(runs: Path, data: Path, hardware: str) -> str:
             "",
             "## Generated pieces against the test set (PerceiverS Table I)",
             "",
-            f"{sets['sets'][names[0]]['pieces']} pieces from each model (unconditioned, "
-            "see runs/default/eval/sets), compared with the test performances:",
+            f"{sets['sets'][names[0]]['pieces']} unconditioned pieces from each model ({_sampling(runs)}), "
+            f"compared with the {sets['sets']['reference']['pieces']} test performances by",
+            "`perceiver-music evaluate --generated ... --reference ...` (the full table, distances, plots",
+            "and repetition figures are in runs/default/eval/sets after the recipe). The generated pieces",
+            "are short and the performances whole, so the whole-piece counts (NC, PCTM, NLTM) are far from",
+            "the reference for both models: compare the two models' columns with each other.",
             "",
             "| metric | " + " | ".join(f"{n} KLD ↓ | {n} OA ↑" for n in names) + " |",
             "| --- | " + " | ".join("---: | ---:" for _ in names) + " |",

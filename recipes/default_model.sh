@@ -30,6 +30,10 @@ common=(--config asap_cpu --data "$DATA" "train.steps=$STEPS" train.eval_every=3
         train.ckpt_every=300 train.seed=0)
 run() {  # name, overrides...
     local name=$1; shift
+    if [ -d "$OUT/$name/checkpoints/step_$(printf %07d "$STEPS")" ]; then
+        echo "$OUT/$name: already trained to step $STEPS"
+        return
+    fi
     if [ -e "$OUT/$name/config.json" ]; then resume=(--resume); else resume=(); fi
     perceiver-music train "${common[@]}" --out "$OUT/$name" "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
 }
@@ -44,11 +48,19 @@ else
 fi
 
 # Likelihood on the held-out pieces, every token with full context.
-for name in perceivers perceiver_ar; do
+likelihood() {  # name
     for split in valid test; do
-        perceiver-music evaluate --ckpt "$OUT/$name" --data "$DATA" --split "$split" --out "$OUT/eval/$name-$split" --quiet
+        perceiver-music evaluate --ckpt "$OUT/$1" --data "$DATA" --split "$split" --out "$OUT/eval/$1-$split" --quiet
     done
-done
+}
+if [ "$PARALLEL" = 1 ]; then
+    likelihood perceivers & a=$!
+    likelihood perceiver_ar & b=$!
+    wait $a; wait $b
+else
+    likelihood perceivers
+    likelihood perceiver_ar
+fi
 
 # The metric suite: SAMPLES unconditioned pieces from each model against the test performances.
 SAMPLES=${SAMPLES:-16}

@@ -1,0 +1,60 @@
+"""The bundled default model: shipped weights, their card, and the recipe that writes both."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+from perceiver_music import checkpoint
+from perceiver_music.evaluate.likelihood import evaluate_likelihood, write_likelihood
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("bundle_model", REPO / "recipes" / "bundle_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bundled_model_loads_small_and_documented():
+    weights = checkpoint.BUNDLED / "model.safetensors"
+    assert weights.is_file(), "the package must ship its default model"
+    assert weights.stat().st_size <= 25_000_000
+    model, cfg = checkpoint.load_model(None)
+    assert cfg.model.arch == "perceiver_ar" and len(cfg.model.scales) > 1  # PerceiverS
+    assert cfg.data.segmentation == "effective"
+    card = (checkpoint.BUNDLED / "MODEL_CARD.md").read_text()
+    assert "CC BY-NC-SA 4.0" in card and "ASAP" in card and "Perceiver AR baseline" in card
+    assert "not measured" not in card
+
+
+def test_bundle_recipe_writes_weights_and_a_card_with_the_measured_figures(tiny_run, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for name in ("perceivers", "perceiver_ar"):
+        shutil.copytree(tiny_run / "run", runs / name)
+        result = evaluate_likelihood(runs / name, tiny_run / "data", "valid", progress=False)
+        for split in ("valid", "test"):  # the tiny data set has no test pieces: valid stands in
+            meta = {"checkpoint": name, "data": "data", "split": split, "stride": "num_latents"}
+            write_likelihood(result, runs / "eval" / f"{name}-{split}", meta)
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe, "BUNDLED", tmp_path / "bundled")
+    assert recipe.main(["--runs", str(runs), "--data", str(tiny_run / "data")]) == 0
+    card = (tmp_path / "bundled" / "MODEL_CARD.md").read_text()
+    measured = json.loads((runs / "eval" / "perceivers-test" / "likelihood.json").read_text())
+    assert f"{measured['nats_per_token']:.4f}" in card
+    assert "CC BY-NC-SA 4.0" in card and "steps" in card
+    assert (tmp_path / "bundled" / "model.safetensors").read_bytes() == (
+        runs / "perceivers" / "best" / "model.safetensors"
+    ).read_bytes()
+    monkeypatch.setattr(checkpoint, "BUNDLED", tmp_path / "bundled")
+    model, cfg = checkpoint.load_model(None)
+    assert cfg.model.width == 32
+
+
+def test_bundle_recipe_refuses_a_missing_run(tmp_path, capsys):
+    assert load_recipe().main(["--runs", str(tmp_path), "--data", str(tmp_path)]) == 1
+    assert "run recipes/default_model.sh first" in capsys.readouterr().err
