@@ -16,6 +16,7 @@ from perceiver_music.cli import main
 from perceiver_music.config import DataConfig
 from perceiver_music.data.windows import TokenData, WindowDataset
 from perceiver_music.evaluate.likelihood import evaluate_likelihood, piece_nll
+from perceiver_music.evaluate.sets import evaluate_sets
 from perceiver_music.train import evaluate_windows
 
 from conftest import write_midi
@@ -197,3 +198,22 @@ def test_transformer_likelihood_is_independent_of_the_stride_within_a_window(tin
     np.testing.assert_allclose(a[:63], b[:63], rtol=1e-4, atol=1e-5)
     result = evaluate_likelihood(tmp_path / "tf", tiny_run / "data", "valid", stride=16, progress=False)
     assert result.tokens == int(TokenData(tiny_run / "data", "valid").index[:, 1].sum()) - result.pieces
+
+
+def test_sets_of_real_performances(asap_dir, tmp_path):
+    """Performances of the same Bach fugue against other Bach fugues, and Chopin etudes against
+    those fugues: the same-composer set must sit closer on pitch-class content and pitch range."""
+    fugues = sorted((asap_dir / "Bach" / "Fugue").rglob("*.mid"))
+    etudes = sorted((asap_dir / "Chopin").rglob("*.mid"))
+    assert len(fugues) >= 12 and len(etudes) >= 6
+    for folder, files in (("ref", fugues[::2][:8]), ("bach", fugues[1::2][:6]), ("chopin", etudes[:6])):
+        (tmp_path / folder).mkdir()
+        for i, f in enumerate(files):
+            (tmp_path / folder / f"{i}_{f.name}").symlink_to(f)
+    out = tmp_path / "out"
+    result = evaluate_sets([tmp_path / "bach", tmp_path / "chopin"], tmp_path / "ref", out, plots=False)
+    m = result["metrics"]
+    assert m["bach"]["PCH"]["inter"]["mean"] < m["chopin"]["PCH"]["inter"]["mean"]
+    assert m["bach"]["PCH"]["overlap"] > m["chopin"]["PCH"]["overlap"]
+    assert "nan" not in (out / "table.md").read_text().lower()
+    assert all(s["pieces"] == n for s, n in zip(result["sets"].values(), (8, 6, 6)))
