@@ -82,4 +82,16 @@ PY
 perceiver-music evaluate --generated "$OUT/samples/perceivers" "$OUT/samples/perceiver_ar" \
     --names PerceiverS,PerceiverAR --reference "$OUT/reference-test" --out "$OUT/eval/sets"
 
+# Sampling settings for the card: the same PerceiverS, four settings, the same comparison.
+settings=("temperature-1.0:--temperature 1.0" "temperature-0.9:--temperature 0.9" "top-p-0.95:--top-p 0.95" "top-p-0.9:--top-p 0.9")
+dirs=()
+for entry in "${settings[@]}"; do
+    name=${entry%%:*}
+    # shellcheck disable=SC2086  # the options are meant to split
+    perceiver-music generate --ckpt "$OUT/perceivers" --out "$OUT/sampling/$name" --num "$SAMPLES" \
+        --tokens "$SAMPLE_TOKENS" --seed 1 --quiet --no-render ${entry#*:}
+    dirs+=("$OUT/sampling/$name")
+done
+perceiver-music evaluate --generated "${dirs[@]}" --reference "$OUT/reference-test" --out "$OUT/eval/sampling" --no-plots
+
 echo "done: python recipes/bundle_model.py copies the PerceiverS model into the package"
