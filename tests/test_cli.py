@@ -58,6 +58,14 @@ def test_module_entry_point_and_no_torch_import(tmp_path):
     assert done.returncode == 0 and "prepare" in done.stdout and "tokenize" in done.stdout
 
 
+def crimson_pixels(png) -> int:
+    """Pixels in the boundary line's colour (crimson: strong red, little green or blue)."""
+    from matplotlib.image import imread
+
+    rgb = imread(png)[..., :3]
+    return int(((rgb[..., 0] > 0.75) & (rgb[..., 1] < 0.25) & (rgb[..., 2] < 0.35)).sum())
+
+
 def test_render_command(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     write_midi(tmp_path / "in" / "a.mid", [(0, 500, 60, 80)])
@@ -67,6 +75,27 @@ def test_render_command(tmp_path, capsys):
     captured = capsys.readouterr()
     assert str(out / "a.png") in captured.out and "bad.mid" in captured.err
     assert main(["render", str(tmp_path / "in" / "bad.mid"), "--out", str(out), "--format", "none"]) == 1
+    marked = tmp_path / "marked"
+    assert (
+        main(
+            [
+                "render",
+                str(tmp_path / "in" / "a.mid"),
+                "--out",
+                str(marked),
+                "--format",
+                "none",
+                "--boundary",
+                "0.25",
+            ]
+        )
+        == 0
+    )
+    assert crimson_pixels(marked / "a.png") > 50 and crimson_pixels(out / "a.png") == 0  # the line
+    assert (
+        main(["render", str(tmp_path / "in"), "--out", str(out), "--format", "none", "--boundary", "-1"]) == 2
+    )
+    assert "boundary must be" in capsys.readouterr().err
     assert main(["render", str(tmp_path / "in"), "--out", str(out), "--loudness", "loud"]) == 2
     assert "--loudness must be a number" in capsys.readouterr().err
     if rendering_available():

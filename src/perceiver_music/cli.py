@@ -274,6 +274,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             soundfont=args.soundfont,
             sample_rate=args.sample_rate,
             loudness=loudness,
+            boundary=args.boundary,
             progress=not args.quiet,
         )
     except (RenderError, ValueError) as e:
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="wav", choices=["wav", "flac", "none"], help="audio format (default wav)"
     )
     p.add_argument("--no-png", action="store_true", help="no piano rolls")
+    p.add_argument(
+        "--boundary", type=float, metavar="SECONDS", help="mark where a prompt ends on the piano rolls"
+    )
     p.add_argument("--soundfont", metavar="SF2", help="the soundfont (default: the system's GM bank)")
     p.add_argument("--sample-rate", type=int, default=44100)
     p.add_argument("--loudness", default="-16", help="target loudness in LUFS, or off (default -16)")

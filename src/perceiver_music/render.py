@@ -621,6 +621,7 @@ def render_files(
     loudness: float | None = -16.0,
     tail: float = 3.0,
     sustain: bool = False,
+    boundary: float | None = None,
     progress: bool = False,
 ) -> RenderReport:
     """Render MIDI files, and folders searched recursively for .mid/.midi, into `out_dir`:
@@ -633,6 +634,8 @@ def render_files(
     """
     if audio_format is None and not png:
         raise ValueError("nothing to render: no audio format and no piano roll")
+    if boundary is not None and not (math.isfinite(boundary) and boundary >= 0):
+        raise ValueError(f"boundary must be a time in seconds >= 0, got {boundary}")
     out_dir = Path(out_dir)
     fmt, font = None, None
     if audio_format is not None:
@@ -653,7 +656,8 @@ def render_files(
             target.parent.mkdir(parents=True, exist_ok=True)
             if png:
                 roll = target.with_name(f"{target.name}.png")
-                report.written.append(piano_roll(score, roll, title=rel.as_posix(), sustain=sustain))
+                roll_png = piano_roll(score, roll, boundary=boundary, title=rel.as_posix(), sustain=sustain)
+                report.written.append(roll_png)
             if fmt is not None and font is not None:
                 audio = target.with_name(f"{target.name}.{fmt.lower()}")
                 report.levels[audio] = _render(score, midi, audio, fmt, font, sample_rate, loudness, tail)
