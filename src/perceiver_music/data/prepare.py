@@ -212,7 +212,8 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, so readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -340,9 +341,9 @@ def prepare(
         "pieces": pieces,
         "skipped": skipped,
     }
-    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     lines = ["path,reason"] + [_csv_row(s["path"], s["reason"]) for s in skipped]
-    _atomic_write_text(out / "skipped.csv", "\n".join(lines) + "\n")
+    atomic_write_text(out / "skipped.csv", "\n".join(lines) + "\n")
 
     return PrepareResult(
         out_dir=out,

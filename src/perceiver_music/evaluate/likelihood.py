@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from perceiver_music.checkpoint import load_model
+from perceiver_music.data.prepare import atomic_write_text
 from perceiver_music.data.windows import TokenData
 from perceiver_music.tokens.performance import PAD
 
@@ -144,9 +145,7 @@ def write_likelihood(result: LikelihoodResult, out_dir: str | os.PathLike, meta:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {**meta, **result.to_json(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = out / "likelihood.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(out / "likelihood.json")
+    atomic_write_text(out / "likelihood.json", json.dumps(data, indent=1, allow_nan=False))
     lines = [
         f"# Likelihood: {meta['checkpoint']} on {meta['data']} ({meta['split']})",
         "",
@@ -163,6 +162,6 @@ def write_likelihood(result: LikelihoodResult, out_dir: str | os.PathLike, meta:
             )
         else:
             lines.append(f"| {row['label']} | 0 | n/a (no piece that long) | n/a |")
-    (out / "likelihood.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "likelihood.md", "\n".join(lines) + "\n")
     likelihood_plot(result.buckets, out / "likelihood.png", f"{meta['split']}: bits per token by position")
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from perceiver_music.config import TokenizerConfig
-from perceiver_music.data.prepare import find_midi
+from perceiver_music.data.prepare import atomic_write_text, find_midi
 from perceiver_music.evaluate import metrics, repetition
 from perceiver_music.tokens.performance import MidiError, Notes, PerformanceTokenizer
 
@@ -142,7 +142,7 @@ def evaluate_sets(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(markdown(result))
+    atomic_write_text(out / "table.md", markdown(result))
     np.savez_compressed(
         out / "features.npz",
         **{f"{s.name}/{m}": s.features[m] for s in [ref, *gens] for m in metrics.METRICS},
@@ -156,7 +156,7 @@ def evaluate_sets(
             for kind, d in row.items()
         },
     )
-    _write_json(out / "metrics.json", result)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
     if plots:
         from perceiver_music.evaluate import plots as plotting
 
@@ -187,12 +187,6 @@ def _set_json(s: PieceSet) -> dict:
             "mean_by_lag": lags[defined].mean(axis=0).tolist() if defined.any() else None,
         },
     }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(path)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
