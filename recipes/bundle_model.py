@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from perceiver_music.evaluate.sets import table_one
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "src" / "perceiver_music" / "bundled"
 MAX_BYTES = 25 * 1000 * 1000
@@ -179,15 +181,8 @@ def card(runs: Path, data: Path, hardware: str) -> str:
             "are short and the performances whole, so the whole-piece counts (NC, PCTM, NLTM) are far from",
             "the reference for both models: compare the two models' columns with each other.",
             "",
-            "| metric | " + " | ".join(f"{n} KLD ↓ | {n} OA ↑" for n in names) + " |",
-            "| --- | " + " | ".join("---: | ---:" for _ in names) + " |",
+            *table_one(sets),
         ]
-        for metric in sets["metrics"][names[0]]:
-            cells = [
-                f"{sets['metrics'][n][metric]['kl']:.3f} | {sets['metrics'][n][metric]['overlap']:.3f}"
-                for n in names
-            ]
-            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     sampling = _json(ev / "sampling" / "metrics.json")
     if sampling is not None:
         names = list(sampling["metrics"])

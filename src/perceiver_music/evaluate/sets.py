@@ -195,6 +195,23 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def table_one(result: dict) -> list[str]:
+    """The Markdown rows of PerceiverS Table I: KLD and OA per metric, a column pair per
+    generated set, from evaluate_sets' result."""
+    gens = list(result["metrics"])
+    lines = [
+        "| Metric | " + " | ".join(f"{g} KLD ↓ | {g} OA ↑" for g in gens) + " |",
+        "| --- | " + " | ".join("---: | ---:" for _ in gens) + " |",
+    ]
+    for m in metrics.METRICS:
+        cells = [
+            f"{_fmt(result['metrics'][g][m]['kl'])} | {_fmt(result['metrics'][g][m]['overlap'])}"
+            for g in gens
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     """Table I of the PerceiverS paper (KLD and OA per metric, a column pair per generated set),
     the distance summaries behind it, and the repetition measures."""
@@ -214,16 +231,7 @@ def markdown(result: dict) -> str:
         "KLD: KL(intra-reference ‖ inter-set) in nats, lower is closer. OA: overlap area of the two",
         "distance densities, higher is closer. Both on one shared grid (see metrics.json).",
         "",
-        "| Metric | " + " | ".join(f"{g} KLD ↓ | {g} OA ↑" for g in gens) + " |",
-        "| --- | " + " | ".join("---: | ---:" for _ in gens) + " |",
-    ]
-    for m in metrics.METRICS:
-        cells = [
-            f"{_fmt(result['metrics'][g][m]['kl'])} | {_fmt(result['metrics'][g][m]['overlap'])}"
-            for g in gens
-        ]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += [
+        *table_one(result),
         "",
         "## Distances (mean ± std)",
         "",
