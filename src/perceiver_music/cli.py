@@ -170,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             device=device,
             progress=not args.quiet,
             render=not args.no_render,
-            audio_format=None if args.format == "none" else args.format,
+            audio_format=_audio_format(args),
             soundfont=args.soundfont,
         )
     except FileNotFoundError as e:
@@ -258,6 +258,10 @@ def _evaluate_sets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audio_format(args: argparse.Namespace) -> str | None:
+    return None if args.format == "none" else args.format
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from perceiver_music.render import RenderError, render_files
 
@@ -269,7 +273,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         report = render_files(
             args.paths,
             args.out,
-            audio_format=None if args.format == "none" else args.format,
+            audio_format=_audio_format(args),
             png=not args.no_png,
             soundfont=args.soundfont,
             sample_rate=args.sample_rate,
@@ -296,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"perceiver-music {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_audio(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--format", default="wav", choices=["wav", "flac", "none"], help="audio format (default wav)"
+        )
+        p.add_argument(
+            "--soundfont", metavar="SF2", help="the soundfont for audio (default: the system's GM bank)"
+        )
 
     def add_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="a shipped config name (e.g. debug) or a YAML file")
@@ -384,12 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refill", type=int, help="latents kept at a cache refill (default num_latents / 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-render", action="store_true", help="MIDI only: no piano roll, no audio")
-    p.add_argument(
-        "--format", default="wav", choices=["wav", "flac", "none"], help="audio format (default wav)"
-    )
-    p.add_argument(
-        "--soundfont", metavar="SF2", help="the soundfont for audio (default: the system's GM bank)"
-    )
+    add_audio(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -438,14 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="MIDI", help="MIDI files or folders")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument(
-        "--format", default="wav", choices=["wav", "flac", "none"], help="audio format (default wav)"
-    )
+    add_audio(p)
     p.add_argument("--no-png", action="store_true", help="no piano rolls")
     p.add_argument(
         "--boundary", type=float, metavar="SECONDS", help="mark where a prompt ends on the piano rolls"
     )
-    p.add_argument("--soundfont", metavar="SF2", help="the soundfont (default: the system's GM bank)")
     p.add_argument("--sample-rate", type=int, default=44100)
     p.add_argument("--loudness", default="-16", help="target loudness in LUFS, or off (default -16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

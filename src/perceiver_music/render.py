@@ -481,6 +481,11 @@ def figure_size(seconds: float, pitch_rows: int) -> tuple[float, float]:
     return width, height
 
 
+def _check_boundary(boundary: float | None) -> None:
+    if boundary is not None and not (math.isfinite(boundary) and boundary >= 0):
+        raise ValueError(f"boundary must be a time in seconds >= 0, got {boundary}")
+
+
 def piano_roll(
     midi_or_score: str | os.PathLike | Score,
     out_png: str | os.PathLike,
@@ -503,8 +508,7 @@ def piano_roll(
     from matplotlib.ticker import FuncFormatter, MultipleLocator
     from matplotlib.transforms import blended_transform_factory
 
-    if boundary is not None and not (math.isfinite(boundary) and boundary >= 0):
-        raise ValueError(f"boundary must be a time in seconds >= 0, got {boundary}")
+    _check_boundary(boundary)
     out_png = Path(out_png)
     score, label = _as_tick_score(midi_or_score)
     notes, pedal = roll_data(score, sustain=sustain)
@@ -634,8 +638,7 @@ def render_files(
     """
     if audio_format is None and not png:
         raise ValueError("nothing to render: no audio format and no piano roll")
-    if boundary is not None and not (math.isfinite(boundary) and boundary >= 0):
-        raise ValueError(f"boundary must be a time in seconds >= 0, got {boundary}")
+    _check_boundary(boundary)
     out_dir = Path(out_dir)
     fmt, font = None, None
     if audio_format is not None:
