@@ -178,6 +178,9 @@ def test_a_looped_figure_is_repetition_and_a_scale_is_not():
     assert not repetition.repeated_notes(CHROMATIC).any()
     # A period-3 loop (the chord) is found too: all but the first chord.
     assert repetition.repeated_notes(CHORD).sum() == 21
+    # The mask follows the order the notes were given in, whatever it is.
+    perm = np.random.default_rng(0).permutation(len(loop))
+    assert repetition.repeated_notes(loop.take(perm)).tolist() == mask[perm].tolist()
 
 
 def test_a_repeat_needs_matching_rhythm():

@@ -34,8 +34,10 @@ def gap_classes(gap: np.ndarray) -> np.ndarray:
 
 
 def repeated_notes(notes: Notes, min_notes: int = MIN_NOTES, max_period: int = MAX_PERIOD) -> np.ndarray:
-    """Boolean mask over `notes` (sorted by onset): notes in the second copy of a back-to-back repeat."""
-    notes = notes.sorted()
+    """Boolean mask over `notes`, in their given order: notes in the second copy of a
+    back-to-back repeat (patterns are found in onset order)."""
+    order = notes.order()
+    notes = notes.take(order)
     count = len(notes)
     marks = np.zeros(count + 1, np.int64)
     pitch = notes.pitch.astype(np.int64)
@@ -52,12 +54,13 @@ def repeated_notes(notes: Notes, min_notes: int = MIN_NOTES, max_period: int = M
         keep = stops - starts >= max(period, min_notes)
         np.add.at(marks, starts[keep] + period, 1)
         np.add.at(marks, stops[keep] + period, -1)
-    return np.cumsum(marks[:-1]) > 0
+    mask = np.zeros(count, bool)
+    mask[order] = np.cumsum(marks[:-1]) > 0
+    return mask
 
 
 def repetition_profile(notes: Notes, segments: int = 16) -> dict[str, object]:
     """Repeated notes per second, overall and in each of `segments` equal-time segments."""
-    notes = notes.sorted()
     mask = repeated_notes(notes)
     span = max(float(notes.end.max()) if len(notes) else 0.0, 1e-9)
     seg = segment_of(notes.start, span, segments)

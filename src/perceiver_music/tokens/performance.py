@@ -69,9 +69,12 @@ class Notes:
     def take(self, index: np.ndarray) -> Notes:
         return Notes(self.start[index], self.end[index], self.pitch[index], self.velocity[index])
 
+    def order(self) -> np.ndarray:
+        """The permutation that sorts by (start, pitch, end, velocity): the encoding's order, made total."""
+        return np.lexsort((self.velocity, self.end, self.pitch, self.start))
+
     def sorted(self) -> Notes:
-        """Sorted by (start, pitch, end, velocity): the order of the encoding, made total."""
-        return self.take(np.lexsort((self.velocity, self.end, self.pitch, self.start)))
+        return self.take(self.order())
 
 
 class Vocab:
