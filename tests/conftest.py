@@ -47,25 +47,34 @@ def write_midi(path, notes=(), pedals=(), tpq=480, tempos=((0, 480_000),), track
     return Path(path)
 
 
+def random_pieces(folder, count, seed=0, notes=60, span_ms=20_000, length_ms=300, low=48, high=84) -> Path:
+    """`count` MIDI files p0.mid ... in `folder`: `notes` random onsets within `span_ms`, each
+    `length_ms` long, pitches in [low, high), velocity 80 (1 tick = 1 ms)."""
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        starts = np.sort(rng.integers(0, span_ms, notes))
+        pitches = [int(rng.integers(low, high)) for _ in starts]
+        write_midi(
+            folder / f"p{i}.mid", [(int(s), int(s) + length_ms, p, 80) for s, p in zip(starts, pitches)]
+        )
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A folder with midi/ (six random pieces), data/ (prepared) and run/ (a tiny PerceiverS
     trained for three steps): a real checkpoint for the commands that need one."""
-    import numpy as np
 
     from perceiver_music.config import PrepareConfig, load_config
     from perceiver_music.data.prepare import prepare
     from perceiver_music.train import train
 
     root = tmp_path_factory.mktemp("tiny_run")
-    midi = root / "midi"
-    midi.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        starts = np.sort(rng.integers(0, 10_000, 80))
-        write_midi(
-            midi / f"p{i}.mid", [(int(s), int(s) + 200, int(rng.integers(50, 80)), 80) for s in starts]
-        )
+    midi = random_pieces(root / "midi", 6, seed=1, notes=80, span_ms=10_000, length_ms=200, low=50, high=80)
     prepare(midi, root / "data", PrepareConfig(workers=1, split="hash", valid_fraction=0.2), progress=False)
     cfg = load_config(
         "debug",

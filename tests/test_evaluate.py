@@ -19,19 +19,7 @@ from perceiver_music.evaluate.likelihood import evaluate_likelihood, piece_nll
 from perceiver_music.evaluate.sets import evaluate_sets
 from perceiver_music.train import evaluate_windows
 
-from conftest import write_midi
-
-
-def random_pieces(folder, count, low=48, high=84, seed=0, notes=60):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        starts = np.sort(rng.integers(0, 20_000, notes))
-        write_midi(
-            folder / f"p{i}.mid", [(int(s), int(s) + 300, int(rng.integers(low, high)), 80) for s in starts]
-        )
-    return folder
-
+from conftest import random_pieces, write_midi
 
 # ---------------------------------------------------------------- sets
 
