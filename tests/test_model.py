@@ -189,3 +189,23 @@ def test_rotary_is_relative_even_far_into_a_piece():
         near = score(10 + offset, 10)
         far = score(250_000 + offset, 250_000)
         assert abs(near - far) < 1e-4 * max(1.0, abs(near)), offset
+
+
+def test_vocabulary_key_value_table_equals_projecting_every_input():
+    """Cross-attention keys/values come from a per-token table; values and gradients must be
+    those of projecting each input's embedding, as the model is defined."""
+    model = tiny(scales=["full", 8]).train()
+    tokens, positions = batch()
+    angles = model.rotary.angles(positions)
+    for block in model.cross:
+        looked_up = block.keys_values(tokens, block.kv_table(model.embed.weight), model.rotary, angles)
+        projected = block.attn.keys_values(block.attn.kv(block.kv_norm(model.embed(tokens))), model.rotary, angles)
+        weights = [torch.randn_like(t) for t in looked_up]  # a loss that uses every key and value
+        grads = []
+        for k, v in (looked_up, projected):
+            params = [model.embed.weight, block.kv_norm.weight, block.attn.kv.weight]
+            grads.append(torch.autograd.grad((k * weights[0]).sum() + (v * weights[1]).sum(), params))
+        for a, b in zip(looked_up, projected):
+            assert torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-5)

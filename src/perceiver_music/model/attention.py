@@ -162,10 +162,11 @@ class CrossAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def keys_values(self, x_kv: Tensor, rotary: Rotary, k_cos_sin) -> tuple[Tensor, Tensor]:
-        """Inputs [B, K, D] -> rotated keys and values, each [B, H, K, E] (what a cache keeps)."""
-        B, K, D = x_kv.shape
-        k, v = self.kv(x_kv).view(B, K, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+    def keys_values(self, kv: Tensor, rotary: Rotary, k_cos_sin) -> tuple[Tensor, Tensor]:
+        """Projected inputs [B, K, 2D] -> rotated keys and values, each [B, H, K, E] (what a
+        cache keeps)."""
+        B, K, D2 = kv.shape
+        k, v = kv.view(B, K, 2, self.heads, D2 // (2 * self.heads)).permute(2, 0, 3, 1, 4)
         return rotary.rotate(k, k_cos_sin), v
 
     def forward(self, x_q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rotary: Rotary, q_cos_sin) -> Tensor:
@@ -211,8 +212,18 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
-    def keys_values(self, x_kv: Tensor, rotary: Rotary, k_cos_sin) -> tuple[Tensor, Tensor]:
-        return self.attn.keys_values(self.kv_norm(x_kv), rotary, k_cos_sin)
+    def kv_table(self, embedding: Tensor) -> Tensor:
+        """Token embeddings [V, D] -> every token's projected key and value [V, 2D].
+
+        An input's key and value depend on its token alone (positions enter only through
+        rotary, applied after the projection), so projecting the vocabulary once and looking
+        the inputs up replaces a [L, D] x [D, 2D] product per sequence by a [V, D] x [D, 2D] one
+        per step: most of the cost of a long context, in training and in generation."""
+        return self.attn.kv(self.kv_norm(embedding))
+
+    def keys_values(self, tokens: Tensor, table: Tensor, rotary: Rotary, k_cos_sin) -> tuple[Tensor, Tensor]:
+        """Input tokens [B, K] -> rotated keys and values, each [B, H, K, E]."""
+        return self.attn.keys_values(F.embedding(tokens, table), rotary, k_cos_sin)
 
     def forward(self, x_q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rotary: Rotary, q_cos_sin) -> Tensor:
         x = x_q + self.attn(self.q_norm(x_q), k, v, mask, rotary, q_cos_sin)

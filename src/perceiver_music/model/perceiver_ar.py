@@ -10,6 +10,14 @@ self-attention layers over the N latents follows, then a final norm and the logi
 
 During training a random subset of the prefix (the non-latent inputs) can be dropped before
 cross-attention (prefix dropout): it regularises and saves compute.
+
+An input's cross-attention key and value depend only on its token: there is no absolute
+position embedding, and rotary turns keys after the projection. So each cross-attention layer
+projects the vocabulary once ([V, 2D], `CrossAttentionBlock.kv_table`) and the inputs look
+their rows up: with V = 391 and contexts of thousands, the projection of every input, the
+largest cost that grows with the context, becomes a gather. Embedding dropout therefore acts
+on the latents' query stream only; the inputs are regularised by prefix dropout and attention
+dropout.
 """
 
 from __future__ import annotations
@@ -61,18 +69,20 @@ class PerceiverAR(TokenModel):
         B, L = tokens.shape
         N = min(num_latents or self.cfg.num_latents, L)
         pad = tokens == PAD  # [B, L]
-        x = self.embed_dropout(self.embed(tokens))  # [B, L, D]
-        h, q_pos, q_pad = x[:, -N:], positions[:, -N:], pad[:, -N:]  # the latents
+        h = self.embed_dropout(self.embed(tokens[:, -N:]))  # [B, N, D] the latents
+        q_pos, q_pad = positions[:, -N:], pad[:, -N:]
         if self.training and self.cfg.prefix_dropout > 0 and L > N:
-            x, positions, pad = drop_prefix(x, positions, pad, N, self.cfg.prefix_dropout)
+            tokens, positions, pad = drop_prefix(tokens, positions, pad, N, self.cfg.prefix_dropout)
         q_angles = self.rotary.angles(q_pos)
         k_angles = self.rotary.angles(positions)  # [B, 1, K, rot/2] each, sliced per scale
 
         for block, window in zip(self.cross, self.windows):
             relative, absolute = self._window(window, band)
-            K = x.shape[1]
+            K = tokens.shape[1]
             keep = min(K, N + relative - 1) if relative else min(K, absolute) if absolute else K
-            k, v = block.keys_values(x[:, -keep:], self.rotary, tuple(a[:, :, -keep:] for a in k_angles))
+            table = block.kv_table(self.embed.weight)
+            angles = tuple(a[:, :, -keep:] for a in k_angles)
+            k, v = block.keys_values(tokens[:, -keep:], table, self.rotary, angles)
             mask = attention_mask(q_pos, positions[:, -keep:], pad[:, -keep:], q_pad, relative)
             h = self.run_block(block, h, k, v, mask, self.rotary, q_angles)
 
@@ -95,21 +105,21 @@ class PerceiverAR(TokenModel):
     # sample.py drives these: inputs' cross-attention keys/values are cached once per position;
     # the latents' self-attention keys/values are cached since the last refill.
 
-    def new_cache(self, batch: int, total: int, like: Tensor) -> dict[str, list[KVCache]]:
+    def new_cache(self, batch: int, total: int, like: Tensor) -> dict[str, list]:
         E = self.cfg.width // self.cfg.heads
         heads = self.cfg.heads
         return {
             "cross": [KVCache.empty(batch, heads, total, E, like) for _ in self.cross],
             "self": [KVCache.empty(batch, heads, self.cfg.num_latents, E, like) for _ in self.blocks],
+            "tables": [block.kv_table(self.embed.weight) for block in self.cross],  # once per stream
         }
 
     def cache_inputs(self, tokens: Tensor, start: int, cache: dict) -> None:
         """Cross-attention keys/values of tokens [B, T] at positions start..start+T-1."""
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-        x = self.embed(tokens)
         angles = self.rotary.angles(positions)
-        for block, kv in zip(self.cross, cache["cross"]):
-            kv.write(start, *block.keys_values(x, self.rotary, angles))
+        for block, table, kv in zip(self.cross, cache["tables"], cache["cross"]):
+            kv.write(start, *block.keys_values(tokens, table, self.rotary, angles))
 
     def latent_logits(self, tokens: Tensor, start: int, cache: dict, band: int, refill: bool) -> Tensor:
         """Logits [B, T, vocab] of latents tokens [B, T] at positions start..start+T-1, whose
@@ -135,16 +145,13 @@ class PerceiverAR(TokenModel):
         return self.head(self.norm(h))
 
 
-def drop_prefix(x: Tensor, positions: Tensor, pad: Tensor, num_latents: int, rate: float):
+def drop_prefix(tokens: Tensor, positions: Tensor, pad: Tensor, num_latents: int, rate: float):
     """Keep a random subset (the same size for every row) of the inputs before the latents.
 
-    x [B, L, D], positions and pad [B, L] -> the same with L' = N + kept prefix inputs, order kept.
+    tokens, positions and pad [B, L] -> the same with L' = N + kept prefix inputs, order kept.
     """
-    B, L, D = x.shape
+    B, L = tokens.shape
     P = L - num_latents
     keep = P - int(P * rate)
-    idx = torch.rand(B, P, device=x.device).topk(keep, dim=1).indices.sort(dim=1).values  # [B, keep]
-    x = torch.cat([x[:, :P].gather(1, idx[..., None].expand(-1, -1, D)), x[:, P:]], dim=1)
-    positions = torch.cat([positions[:, :P].gather(1, idx), positions[:, P:]], dim=1)
-    pad = torch.cat([pad[:, :P].gather(1, idx), pad[:, P:]], dim=1)
-    return x, positions, pad
+    idx = torch.rand(B, P, device=tokens.device).topk(keep, dim=1).indices.sort(dim=1).values  # [B, keep]
+    return tuple(torch.cat([t[:, :P].gather(1, idx), t[:, P:]], dim=1) for t in (tokens, positions, pad))
