@@ -199,7 +199,9 @@ def test_vocabulary_key_value_table_equals_projecting_every_input():
     angles = model.rotary.angles(positions)
     for block in model.cross:
         looked_up = block.keys_values(tokens, block.kv_table(model.embed.weight), model.rotary, angles)
-        projected = block.attn.keys_values(block.attn.kv(block.kv_norm(model.embed(tokens))), model.rotary, angles)
+        projected = block.attn.keys_values(
+            block.attn.kv(block.kv_norm(model.embed(tokens))), model.rotary, angles
+        )
         weights = [torch.randn_like(t) for t in looked_up]  # a loss that uses every key and value
         grads = []
         for k, v in (looked_up, projected):
