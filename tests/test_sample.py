@@ -8,6 +8,7 @@ import torch
 
 from perceiver_music.config import ModelConfig
 from perceiver_music.model import build_model
+from perceiver_music.model.base import autocast
 from perceiver_music.sample import CachedStream, ReferenceStream, SamplingConfig, generate, sample_next
 from perceiver_music.tokens.performance import BOS, EOS, PAD
 
@@ -49,6 +50,40 @@ def test_cached_logits_equal_the_reference_at_every_step(name, prompt_len):
     assert cached.length == total - 1 > model.cfg.max_len
     if model.cfg.arch == "perceiver_ar":
         assert refills >= 2
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_bf16_generation_stays_close_to_float32_and_to_its_reference(name):
+    """bf16: matrix products in bf16 (autocast), caches and attention in float32."""
+    model = tiny(**ARCHS[name])
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, V, (2, 13), generator=g)
+    forced = torch.randint(3, V, (2, 40), generator=g)  # past max_len, through refills
+    with torch.no_grad():
+        streams = {}
+        for precision in ("fp32", "bf16"):
+            with autocast("cpu", precision):
+                c, r = CachedStream(model, prompt, 54), ReferenceStream(model, prompt, 54)
+                streams[precision] = [(c.current, r.current)] + [(c.append(t), r.append(t)) for t in forced.T]
+        caches = c.cache["cross"] + c.cache["self"] if model.cfg.arch == "perceiver_ar" else c.cache
+        assert all(kv.k.dtype == torch.float32 for kv in caches)
+    scale = max(a.abs().max() for a, _ in streams["fp32"])
+    for (a32, _), (a16, r16) in zip(streams["fp32"], streams["bf16"]):
+        assert a16.dtype == torch.bfloat16  # the bf16 path did run ...
+        assert (a16.float() - a32).abs().max() < 0.02 * scale  # ... and lost only bf16 rounding
+        assert (a16.float() - r16.float()).abs().max() < 0.02 * scale
+    assert any(
+        not torch.equal(a16.float(), a32) for (a32, _), (a16, _) in zip(streams["fp32"], streams["bf16"])
+    )
+
+
+def test_bf16_generate_and_bad_precision():
+    model = tiny()
+    prompt = torch.full((1, 1), BOS)
+    out = generate(model, prompt, 20, SamplingConfig(temperature=0), stop_at_eos=False, precision="bf16")
+    assert len(out[0]) == 21
+    with pytest.raises(ValueError, match="precision must be one of"):
+        generate(model, prompt, 5, precision="fp16")
 
 
 def test_refill_size_is_configurable_and_checked():

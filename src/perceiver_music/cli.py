@@ -168,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             use_cache=not args.no_cache,
             refill=args.refill,
             device=device,
+            precision=args.precision,
             progress=not args.quiet,
             render=not args.no_render,
             audio_format=_audio_format(args),
@@ -395,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--refill", type=int, help="latents kept at a cache refill (default num_latents / 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 on GPU, fp32 on CPU; bf16 on CPU pays off on processors with bf16 "
+        "matrix units (AVX512-BF16, AMX)",
+    )
     p.add_argument("--no-render", action="store_true", help="MIDI only: no piano roll, no audio")
     add_audio(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

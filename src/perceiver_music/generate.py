@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from perceiver_music.checkpoint import load_model
+from perceiver_music.model.base import PRECISIONS
 from perceiver_music.sample import SamplingConfig, generate
 from perceiver_music.tokens.performance import BOS, EOS, MidiError, PerformanceTokenizer
 
@@ -81,6 +82,7 @@ def generate_midi(
     use_cache: bool = True,
     refill: int | None = None,
     device: str = "cpu",
+    precision: str = "auto",
     progress: bool = True,
     render: bool = True,
     audio_format: str | None = "wav",
@@ -91,6 +93,7 @@ def generate_midi(
     ckpt: a run or checkpoint folder; None for the bundled model.
     tokens: how many tokens to generate (default 1024 when neither tokens nor seconds is given);
     seconds: stop a piece once its continuation lasts this long (tokens then only caps it).
+    precision: "fp32", "bf16" or "auto" (bf16 on GPU, fp32 on CPU); see `sample.generate`.
     render: also write each piece's piano roll and, with `audio_format` ("wav", "flac" or None),
     its audio; when FluidSynth or a soundfont is missing the audio is skipped and a note says why.
     """
@@ -101,6 +104,8 @@ def generate_midi(
         raise ValueError("tokens must be at least 1")
     if seconds is not None and seconds <= 0:
         raise ValueError("seconds must be positive")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     model, cfg = load_model(ckpt, device)
     tok = PerformanceTokenizer(cfg.tokenizer)
     ids, notes = prompt_tokens(tok, prompt, cfg.model.max_len, prompt_tokens_last, prompt_seconds_last)
@@ -125,6 +130,7 @@ def generate_midi(
         refill=refill,
         on_token=(lambda n: bar.update(1)) if bar else None,
         stop=_time_limit(tok, time_steps) if time_steps else None,
+        precision=precision,
     )
     elapsed = time.perf_counter() - t0
     if bar is not None:
@@ -159,6 +165,8 @@ def generate_midi(
         "seed": seed,
         "cache": use_cache,
         "refill": refill,
+        "precision": precision,
+        "device": str(device),
         "model": asdict(cfg.model),
         "files": [p.name for p in files],
         "generated_tokens": lengths,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from perceiver_music.model.base import TokenModel
+from perceiver_music.model.base import TokenModel, autocast
 from perceiver_music.tokens.performance import BOS, EOS, PAD
 
 
@@ -182,15 +182,28 @@ def generate(
     stop_at_eos: bool = True,
     on_token: Callable[[int], None] | None = None,
     stop: Callable[[Tensor], Tensor] | None = None,
+    precision: str = "auto",
 ) -> list[Tensor]:
     """Continue each row of prompt [B, P] by up to max_new_tokens tokens.
 
     Returns one tensor per row: the prompt and its continuation, which ends at its first EOS
     (included) when stop_at_eos, or at the first token for which `stop(tokens [B]) -> [B]
     bool` holds. `on_token(n)` is called after each step (for progress bars).
+
+    precision: "fp32", "bf16" (matrix products in bf16 under autocast; the caches and
+    attention stay float32) or "auto" (bf16 on GPU, fp32 on CPU). One autocast context spans
+    the whole generation, so each weight is cast to bf16 once, not once per token (autocast
+    keeps those copies for parameters that require grad, as a loaded model's do).
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
+    with autocast(prompt.device, precision):
+        return _generate(
+            model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop
+        )
+
+
+def _generate(model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop):
     sampling = sampling or SamplingConfig()
     model.eval()
     generator = torch.Generator(device=prompt.device)

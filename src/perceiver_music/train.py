@@ -31,7 +31,7 @@ from perceiver_music import checkpoint as ckpt_io
 from perceiver_music.config import Config, ConfigError, TrainConfig
 from perceiver_music.data.windows import TokenData, WindowDataset
 from perceiver_music.model import build_model
-from perceiver_music.model.base import nll_sum
+from perceiver_music.model.base import autocast, nll_sum
 from perceiver_music.tokens.performance import PAD
 
 LOG_FIELDS = ["step", "kind", "loss", "val_nll", "val_bits", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
@@ -95,13 +95,6 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate_windows(model, windows: WindowDataset, indices, batch_size, device, precision, rank=0, world=1):
     """Validation NLL in nats per token over the given windows (split across processes)."""
@@ -111,7 +104,7 @@ def evaluate_windows(model, windows: WindowDataset, indices, batch_size, device,
     for start in range(0, len(mine), batch_size):
         batch = collate([windows[int(i)] for i in mine[start : start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = model(batch["inputs"], batch["positions"])
         nll, n = nll_sum(logits, batch["targets"])
         total += nll.double().cpu()
@@ -224,7 +217,7 @@ def train(
         for micro in range(t.grad_accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             sync = micro == t.grad_accum - 1 or world == 1
-            with net.no_sync() if not sync else contextlib.nullcontext(), _autocast(device, t.precision):
+            with net.no_sync() if not sync else contextlib.nullcontext(), autocast(device, t.precision):
                 logits = net(batch["inputs"], batch["positions"])
                 micro_loss = model.loss(logits, batch["targets"]) / t.grad_accum
             micro_loss.backward()

@@ -67,6 +67,22 @@ def attention_mask(
     return mask[:, None]
 
 
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float = 0.0, causal: bool = False
+) -> Tensor:
+    """scaled_dot_product_attention; q [B, H, Q, E], k and v [B, H, K, E] -> [B, H, Q, E].
+
+    Generation under bf16 autocast keeps its caches in float32 (`KVCache`), so new queries
+    (bf16) meet float32 keys: attention then runs in float32, outside autocast. Attention of a
+    few queries is bound by reading the cache, and on CPU the float32 kernel reads it several
+    times faster than the bf16 one (which autocast would pick after casting the whole cache).
+    """
+    if q.dtype != k.dtype:
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
 class MLP(nn.Module):
     """Squared-ReLU MLP (Perceiver AR, Primer)."""
 
@@ -148,7 +164,7 @@ class SelfAttention(nn.Module):
             k, v = cache.read(lo, start + T)
         p = self.dropout if self.training else 0.0
         causal = mask is None and k.shape[2] == T
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        o = attend(q, k, v, mask, p, causal)
         return self.resid_dropout(self.out(o.transpose(1, 2).reshape(B, T, D)))
 
 
@@ -173,7 +189,7 @@ class CrossAttention(nn.Module):
         B, Q, D = x_q.shape
         q = rotary.rotate(self.q(x_q).view(B, Q, self.heads, D // self.heads).transpose(1, 2), q_cos_sin)
         p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        o = attend(q, k, v, mask, p)
         return self.resid_dropout(self.out(o.transpose(1, 2).reshape(B, Q, D)))
 
 

@@ -1,6 +1,9 @@
-"""What every token model here shares: weight initialisation, the loss, parameter counts."""
+"""What every token model here shares: weight initialisation, the loss, parameter counts, and
+the precision it runs in."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,20 @@ class TokenModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device | str, precision: str):
+    """The context a model runs in: bf16 autocast for "bf16", and for "auto" on a GPU; else
+    plain float32 ("auto" on CPU: processors without bf16 matrix units emulate it slowly)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def nll_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
