@@ -69,6 +69,15 @@ def test_same_seed_same_music_with_and_without_cache(run_dir, tmp_path):
     assert (tmp_path / "a" / "sample_00.mid").read_bytes() == (tmp_path / "b" / "sample_00.mid").read_bytes()
 
 
+def test_bf16_precision_runs_and_is_recorded(run_dir, tmp_path):
+    out = tmp_path / "bf16"
+    args = ["generate", "--ckpt", str(run_dir), "--tokens", "60", "--quiet", "--no-render"]
+    assert main([*args, "--out", str(out), "--precision", "bf16", "--temperature", "0"]) == 0
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["precision"] == "bf16" and settings["generated_tokens"][0] >= 1
+    TOK.encode(out / "sample_00.mid")
+
+
 def test_continuing_a_prompt_keeps_it(run_dir, tmp_path, capsys):
     prompt = write_midi(tmp_path / "prompt.mid", [(0, 300, 60, 80), (300, 600, 64, 80), (600, 900, 67, 80)])
     out = tmp_path / "out"
