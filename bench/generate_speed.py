@@ -31,7 +31,10 @@ What is measured
     spend reading ~87 MB of weights; its inverse bounds float32 tokens/s on this machine.
     ours-bf16: our side again under bf16 autocast (`generate(precision="bf16")`: matrix products
     in bf16, each weight cast once per generation; caches and attention stay float32), which
-    halves the weights read per token. Reported next to, not instead of, the float32 comparison. Median of 300 passes
+    halves the weights read per token. Reported next to, not instead of, the float32 comparison.
+    The roofline: bytes a decode step must read (the weights it uses, plus the cross-attention
+    cache of the whole context and the latents' self-attention caches) over the weight-reading
+    rate the floor measured: about the most tokens/s any batch-1 step can reach here. Median of 300 passes
     per process; the best round is reported (the least disturbed, as train_throughput's matmul rates).
     --memory: our peak memory and speed generating 65,536 tokens from BOS at context 32,768
     (the window fills after 32,768 tokens, then slides; a refill every 256 tokens).
@@ -658,6 +661,37 @@ def check_targets(runs: list[dict], exactness: dict[str, Any], at: int = 8192) -
     return out
 
 
+def roofline(runs: list[dict], floor: dict[str, Any] | None, new_tokens: int) -> dict[str, Any] | None:
+    """The most tokens/s a batch-1 decode step can reach when it must read its weights and caches
+    once from memory, at the weight-reading rate the matvec floor measured.
+
+    Bytes per step: the Linear weights a step uses (float32; half in bf16), the cross-attention
+    cache (keys and values of every input in the context, float32 on both of our sides) and the
+    self-attention caches of the latents (REFILL .. REFILL + new_tokens - 1 of them, the mean
+    taken), float32. Activations and the logits are left out: the bound is optimistic.
+    """
+    if floor is None:
+        return None
+    D, rate = tt.WIDTH, floor["weight_read_gb_s"] * 1e9
+    weights = floor["linear_weight_mb"] * 1e6
+    latents = REFILL + (new_tokens - 1) / 2
+    out = {"weight_read_gb_s": floor["weight_read_gb_s"], "by_run": {}}
+    for r in runs:
+        if not r["side"].startswith("ours"):
+            continue
+        w = weights / 2 if r["side"] == "ours-bf16" else weights
+        cache = r["context"] * D * 2 * 4 + tt.SELF_LAYERS * latents * D * 2 * 4
+        ceiling = rate / (w + cache)
+        out["by_run"][f"{r['side']}@{r['context']}"] = {
+            "weight_mb": w / 1e6,
+            "cache_mb": cache / 1e6,
+            "tok_s_ceiling": ceiling,
+            "measured_tok_s": r["decode_tok_s"],
+            "share_of_ceiling": r["decode_tok_s"] / ceiling,
+        }
+    return out
+
+
 def print_table(report: dict[str, Any]) -> None:
     hdr = (
         f"{'side':<9} {'context':>7} {'prompt':>6} {'prefill s':>9} {'tok/s':>7} {'step ms':>13} "
@@ -676,6 +710,12 @@ def print_table(report: dict[str, Any]) -> None:
         print(
             f"matvec floor: {f['floor_ms']:.2f} ms per token for our {f['linear_weight_mb']:.0f} MB of Linear "
             f"weights ({f['weight_read_gb_s']:.1f} GB/s): at most {f['tok_s_ceiling']:.0f} tok/s in float32"
+        )
+    for name, b in (report.get("roofline") or {}).get("by_run", {}).items():
+        print(
+            f"roofline {name}: {b['weight_mb']:.0f} MB weights + {b['cache_mb']:.0f} MB caches per token -> "
+            f"at most {b['tok_s_ceiling']:.0f} tok/s; measured {b['measured_tok_s']:.0f} "
+            f"({b['share_of_ceiling']:.0%})"
         )
     for side, e in report.get("exactness", {}).items():
         past = e["max_abs_diff_past_max_len"]
@@ -859,6 +899,7 @@ def main(argv: list[str] | None = None) -> None:
         "exactness": exactness,
         "targets": check_targets(runs, exactness),
     }
+    report["roofline"] = roofline(runs, report["matvec_floor"], args.new_tokens)
     if "krasserm" in args.sides:
         report["krasserm"] = {
             "package": tt.KRASSERM_PIN,

@@ -100,7 +100,7 @@ class ModelConfig:
     scale_mode: Literal["relative", "absolute"] = "relative"  # window per query / last W of the input
     rotary_fraction: float = 0.5  # of each head's dims
     rotary_base: float = 10000.0
-    dropout: float = 0.1
+    dropout: float = 0.1  # attention, residual, and the latents' embeddings (not the inputs' keys/values)
     prefix_dropout: float = 0.0  # fraction of the non-latent inputs dropped while training
     z_loss: float = 1e-4
     checkpoint_activations: bool = False
