@@ -16,6 +16,9 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 T = TypeVar("T")
@@ -148,7 +151,7 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     threads: int = 0  # CPU threads (0: torch's default)
     num_workers: int = 0  # data-loading processes
 

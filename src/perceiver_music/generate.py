@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from perceiver_music.checkpoint import load_model
-from perceiver_music.model.base import PRECISIONS
+from perceiver_music.model.base import check_precision
 from perceiver_music.sample import SamplingConfig, generate
 from perceiver_music.tokens.performance import BOS, EOS, MidiError, PerformanceTokenizer
 
@@ -104,8 +104,7 @@ def generate_midi(
         raise ValueError("tokens must be at least 1")
     if seconds is not None and seconds <= 0:
         raise ValueError("seconds must be positive")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)  # before the model loads
     model, cfg = load_model(ckpt, device)
     tok = PerformanceTokenizer(cfg.tokenizer)
     ids, notes = prompt_tokens(tok, prompt, cfg.model.max_len, prompt_tokens_last, prompt_seconds_last)

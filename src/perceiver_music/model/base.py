@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from perceiver_music.config import ModelConfig
+from perceiver_music.config import PRECISIONS, ModelConfig
 from perceiver_music.tokens.performance import PAD
 
 
@@ -51,14 +51,15 @@ class TokenModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def autocast(device: torch.device | str, precision: str):
     """The context a model runs in: bf16 autocast for "bf16", and for "auto" on a GPU; else
     plain float32 ("auto" on CPU: processors without bf16 matrix units emulate it slowly)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     device_type = torch.device(device).type
     if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
         return torch.autocast(device_type, dtype=torch.bfloat16)
