@@ -9,7 +9,14 @@ import torch
 from perceiver_music.config import ModelConfig
 from perceiver_music.model import build_model
 from perceiver_music.model.base import autocast
-from perceiver_music.sample import CachedStream, ReferenceStream, SamplingConfig, generate, sample_next
+from perceiver_music.sample import (
+    CachedStream,
+    KeyboardMask,
+    ReferenceStream,
+    SamplingConfig,
+    generate,
+    sample_next,
+)
 from perceiver_music.tokens.performance import BOS, EOS, PAD
 
 V = 391
@@ -152,3 +159,81 @@ def test_sampling_controls():
 def test_invalid_sampling_settings_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- keyboard mask
+
+ON, OFF, SHIFT = 3, 131, 259  # NOTE_ON 0, NOTE_OFF 0, TIME_SHIFT 1
+
+
+def _validity(row):
+    """(stray NOTE_OFFs, re-struck NOTE_ONs, NOTE_ONs outside 21..108, EOS while sounding) of a row,
+    counted by a plain loop over the tokens (independent of the vectorised code under test)."""
+    sounding = [0] * 128
+    stray = restruck = outside = eos_sounding = 0
+    for t in row.tolist():
+        if ON <= t < OFF:
+            p = t - ON
+            restruck += sounding[p] > 0
+            outside += not 21 <= p <= 108
+            sounding[p] += 1
+        elif OFF <= t < SHIFT:
+            p = t - OFF
+            stray += sounding[p] == 0
+            sounding[p] = max(0, sounding[p] - 1)
+        elif t == EOS:
+            eos_sounding += any(sounding)
+    return stray, restruck, outside, eos_sounding
+
+
+def test_keyboard_mask_starts_from_the_prompt_as_the_decoder_counts():
+    # pitch 60 struck twice and released once (still sounding), 62 released without being struck
+    # (stray, ignored), 64 struck and released; pitch 10 is below the piano but in the prompt.
+    prompt = torch.tensor([[BOS, ON + 60, ON + 60, OFF + 60, OFF + 62, ON + 64, SHIFT, OFF + 64, ON + 10]])
+    mask = KeyboardMask(prompt)
+    assert mask.sounding[0, 60] == 1 and mask.sounding[0, 10] == 1
+    assert mask.sounding[0].sum() == 2
+    logits = mask.apply(torch.zeros(1, V))
+    blocked = torch.isinf(logits[0])
+    assert blocked[ON + 60] and blocked[ON + 10] and not blocked[ON + 64] and not blocked[ON + 21]
+    assert blocked[ON + 109] and not blocked[ON + 108]  # above the piano
+    assert not blocked[ON + 20]  # below it, but the prompt's own pitch widened the range to 10 ...
+    assert blocked[ON + 9]  # ... and no further
+    assert torch.isinf(KeyboardMask(prompt[:, :4]).apply(torch.zeros(1, V))[0, ON + 20])  # without 10
+    assert not blocked[OFF + 60] and not blocked[OFF + 10] and blocked[OFF + 62] and blocked[OFF + 64]
+    assert blocked[EOS]  # notes are sounding
+    assert not blocked[SHIFT:].any()  # time shifts and velocities are always possible
+    mask.update(torch.tensor([OFF + 60]))
+    mask.update(torch.tensor([OFF + 10]))
+    mask.update(torch.tensor([OFF + 70]))  # stray: changes nothing
+    assert mask.sounding.sum() == 0 and not torch.isinf(mask.apply(torch.zeros(1, V))[0, EOS])
+
+
+def test_masked_generation_has_no_impossible_events_and_unmasked_does():
+    model = tiny(scales=["full", 6])
+    prompt = torch.full((4, 1), BOS)
+    masked = generate(model, prompt, 150, SamplingConfig(), seed=3, stop_at_eos=False)
+    free = generate(model, prompt, 150, SamplingConfig(keyboard=False), seed=3, stop_at_eos=False)
+    assert all(_validity(row) == (0, 0, 0, 0) for row in masked)
+    # An untrained model emits note events at random: the mask is what removed them.
+    stray, restruck, outside, _ = (sum(x) for x in zip(*(_validity(row) for row in free)))
+    assert stray > 10 and outside > 5
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_masked_generation_is_the_same_with_and_without_the_cache(name):
+    """Past max_len and through refills, with a prompt whose notes are still sounding."""
+    model = tiny(**ARCHS[name])
+    prompt = torch.tensor([[BOS, ON + 60, SHIFT, ON + 64, SHIFT + 9]]).expand(2, -1)
+    kw = dict(sampling=SamplingConfig(top_p=0.95), seed=11, stop_at_eos=False)
+    a = generate(model, prompt, 60, **kw)
+    b = generate(model, prompt, 60, use_cache=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(len(x) == 65 and _validity(x) == (0, 0, 0, 0) for x in a)
+
+
+def test_bad_pitch_range_is_refused():
+    with pytest.raises(ValueError, match="pitch_range"):
+        SamplingConfig(pitch_range=(90, 30))
+    with pytest.raises(ValueError, match="pitch_range"):
+        SamplingConfig(pitch_range=(0, 128))

@@ -24,11 +24,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from perceiver_music.config import TokenizerConfig
 from perceiver_music.model.base import TokenModel, autocast
-from perceiver_music.tokens.performance import BOS, EOS, PAD
+from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, PAD, Vocab, note_events
+
+# Note ids do not depend on the tokenizer's settings (only TIME_SHIFT and VELOCITY do).
+_LAYOUT = Vocab(TokenizerConfig())
+NOTE_ON, NOTE_OFF = _LAYOUT.note_on, _LAYOUT.note_off
+PIANO = (21, 108)  # A0..C8: the keyboard's pitches
 
 
 @dataclass
@@ -37,8 +44,14 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * max p
+    # Zero probability for events that never occur in performances (see KeyboardMask).
+    keyboard: bool = True
+    pitch_range: tuple[int, int] = PIANO  # NOTE_ONs outside it are masked (widened by the prompt)
 
     def __post_init__(self) -> None:
+        lo, hi = self.pitch_range
+        if not 0 <= lo <= hi < NUM_PITCHES:
+            raise ValueError(f"pitch_range must be two pitches 0 <= low <= high <= 127, got {lo}-{hi}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -49,10 +62,18 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
 
 
-def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
-    """logits [B, V] -> next tokens [B]. PAD and BOS are never sampled."""
+def sample_next(
+    logits: Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    keyboard: KeyboardMask | None = None,
+) -> Tensor:
+    """logits [B, V] -> next tokens [B]. PAD and BOS are never sampled; with `keyboard`,
+    neither are the events it rules out."""
     logits = logits.float().clone()
     logits[:, [PAD, BOS]] = float("-inf")
+    if keyboard is not None:
+        keyboard.apply(logits)
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits / cfg.temperature
@@ -68,6 +89,48 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator 
         sorted_p = sorted_p.masked_fill(before >= cfg.top_p, 0.0)  # the top token always stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+class KeyboardMask:
+    """Per batch row, which pitches are sounding, and the events that are impossible given that.
+
+    A NOTE_OFF of a silent pitch, a NOTE_ON of a sounding one, EOS while a note sounds and a
+    NOTE_ON outside the pitch range all have probability zero in performance data (in ASAP's
+    2.85 M training notes: no stray NOTE_OFF, 3 re-struck NOTE_ONs, every pitch in 21..108),
+    so masking them removes only events the decoder would have to repair. The state starts
+    from the prompt, counted as the decoder counts it, and follows each sampled token; it
+    depends only on the tokens, so cached and uncached generation see the same mask.
+    """
+
+    def __init__(self, prompt: Tensor, pitch_range: tuple[int, int] = PIANO):
+        B = prompt.shape[0]
+        rows = [note_events(row.cpu().numpy(), _LAYOUT) for row in prompt]
+        self.sounding = torch.as_tensor(
+            np.stack([ev.sounding_at_end() for ev in rows]), dtype=torch.int32, device=prompt.device
+        )  # [B, 128]
+        lo, hi = pitch_range
+        played = [ev.pitch[ev.on] for ev in rows if ev.on.any()]
+        if played:  # a prompt's own pitches are never refused
+            lo, hi = min(lo, int(min(p.min() for p in played))), max(hi, int(max(p.max() for p in played)))
+        self.outside = torch.ones(NUM_PITCHES, dtype=torch.bool, device=prompt.device)
+        self.outside[lo : hi + 1] = False
+        self.rows = torch.arange(B, device=prompt.device)
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """logits [B, V] with the impossible events at -inf (in place)."""
+        sounding = self.sounding > 0  # [B, 128]
+        logits[:, NOTE_ON : NOTE_ON + NUM_PITCHES].masked_fill_(sounding | self.outside, float("-inf"))
+        logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES].masked_fill_(~sounding, float("-inf"))
+        logits[:, EOS].masked_fill_(sounding.any(-1), float("-inf"))
+        return logits
+
+    def update(self, token: Tensor) -> None:
+        """Follow tokens [B] (a stray NOTE_OFF, possible with the mask off, changes nothing)."""
+        on = (token >= NOTE_ON) & (token < NOTE_OFF)
+        off = (token >= NOTE_OFF) & (token < NOTE_OFF + NUM_PITCHES)
+        pitch = torch.where(on, token - NOTE_ON, token - NOTE_OFF).clamp(0, NUM_PITCHES - 1)
+        count = self.sounding[self.rows, pitch] + on.int() - off.int()
+        self.sounding[self.rows, pitch] = count.clamp_min(0)
 
 
 class _Stream:
@@ -213,9 +276,12 @@ def _generate(model, prompt, max_new_tokens, sampling, seed, use_cache, refill, 
     stream = (CachedStream if use_cache else ReferenceStream)(model, prompt, P + max_new_tokens, refill)
     end = torch.full((B,), P + max_new_tokens, dtype=torch.long)  # each row's length
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    keyboard = KeyboardMask(prompt, sampling.pitch_range) if sampling.keyboard else None
     logits = stream.current
     for i in range(max_new_tokens):
-        token = sample_next(logits, sampling, generator)
+        token = sample_next(logits, sampling, generator, keyboard)
+        if keyboard is not None:
+            keyboard.update(token)
         finished = torch.zeros_like(done)
         if stop_at_eos:
             finished |= token == EOS

@@ -387,29 +387,11 @@ class PerformanceTokenizer:
         last_vel = np.maximum.accumulate(vel_pos) if len(ids) else vel_pos
         cur_bin = np.where(last_vel >= 0, ids[np.maximum(last_vel, 0)] - v.velocity + 1, 0)
 
-        is_on = (ids >= v.note_on) & (ids < v.note_off)
-        is_off = (ids >= v.note_off) & (ids < v.time_shift)
-        pos = np.flatnonzero(is_on | is_off)
-        if len(pos) == 0:
+        ev = note_events(ids, v)
+        if len(ev.pos) == 0:
             return Notes.empty(np.int64)
-        on = is_on[pos]
-        pitch = np.where(on, ids[pos] - v.note_on, ids[pos] - v.note_off)
-        # Group note events by pitch, keeping their order.
-        g = np.lexsort((pos, pitch))
-        pos, on, pitch = pos[g], on[g], pitch[g]
-        group_start = np.flatnonzero(np.diff(pitch, prepend=-1) != 0)
-        group_id = np.cumsum(np.diff(pitch, prepend=-1) != 0) - 1
-        # A NOTE_OFF is stray when no note of its pitch is open. With S the running sum of
-        # +1 (on) / -1 (off) per pitch, the open count is S minus its running minimum
-        # (clipped at 0), and an off is stray exactly when it takes S to a new low.
-        cs = np.cumsum(np.where(on, 1, -1))
-        s = cs - np.concatenate([[0], cs])[group_start][group_id]  # restart at each pitch
-        big = 2 * len(s) + 2
-        shifted = s - group_id * big  # later groups lie lower, so a running min never leaks back
-        low = np.minimum(np.minimum.accumulate(shifted) + group_id * big, 0)
-        low_before = np.concatenate([[0], low[:-1]])
-        low_before[group_start] = 0
-        valid_off = ~on & (s >= low_before)
+        pos, on, pitch, group_id, group_start = ev.pos, ev.on, ev.pitch, ev.group_id, ev.group_start
+        valid_off = ~on & ~ev.stray_off
         # FIFO: the k-th valid off of a pitch closes its k-th onset.
         on_rank = _rank_within(on, group_id, group_start)
         off_rank = _rank_within(valid_off, group_id, group_start)
@@ -509,3 +491,65 @@ def pair_fifo(notes: Notes) -> Notes:
     on = np.lexsort((np.arange(len(notes)), notes.start, notes.pitch))
     off = np.lexsort((notes.end, notes.pitch))
     return Notes(notes.start[on], notes.end[off], notes.pitch[on], notes.velocity[on]).sorted()
+
+
+@dataclass
+class NoteEvents:
+    """The NOTE_ON / NOTE_OFF tokens of a stream grouped by pitch (in stream order within a
+    pitch), with how many notes of that pitch were sounding just before each one."""
+
+    pos: np.ndarray  # index of each note event in the stream
+    on: np.ndarray  # bool: NOTE_ON (else NOTE_OFF)
+    pitch: np.ndarray
+    open_before: np.ndarray  # notes of this pitch sounding before the event
+    open_after: np.ndarray  # ... and after it
+    group_id: np.ndarray  # index of the event's pitch group
+    group_start: np.ndarray  # first event of each pitch group
+
+    @property
+    def stray_off(self) -> np.ndarray:
+        """NOTE_OFFs of a pitch that is not sounding (the decoder ignores them)."""
+        return ~self.on & (self.open_before == 0)
+
+    @property
+    def restruck_on(self) -> np.ndarray:
+        """NOTE_ONs of a pitch that is already sounding."""
+        return self.on & (self.open_before > 0)
+
+    def sounding_at_end(self) -> np.ndarray:
+        """[128] how many notes of each pitch are still sounding after the last event."""
+        counts = np.zeros(NUM_PITCHES, np.int64)
+        if len(self.pitch) == 0:
+            return counts
+        last = np.append(self.group_start[1:], len(self.pitch)) - 1
+        counts[self.pitch[last]] = self.open_after[last]
+        return counts
+
+
+def note_events(ids: np.ndarray, vocab: Vocab) -> NoteEvents:
+    """Group a stream's note events by pitch and count the notes sounding before each one.
+
+    With S the running sum of +1 (on) / -1 (off) per pitch, a NOTE_OFF is stray exactly when
+    it takes S to a new low, so the count of sounding notes after an event is S minus its
+    running minimum (clipped at 0). Vectorised: one sort, no loop over tokens.
+    """
+    ids = np.asarray(ids, np.int64)
+    is_on = (ids >= vocab.note_on) & (ids < vocab.note_off)
+    is_off = (ids >= vocab.note_off) & (ids < vocab.time_shift)
+    pos = np.flatnonzero(is_on | is_off)
+    on = is_on[pos]
+    pitch = np.where(on, ids[pos] - vocab.note_on, ids[pos] - vocab.note_off)
+    g = np.lexsort((pos, pitch))
+    pos, on, pitch = pos[g], on[g], pitch[g]
+    new_group = np.diff(pitch, prepend=-1) != 0
+    group_start = np.flatnonzero(new_group)
+    group_id = np.cumsum(new_group) - 1
+    cs = np.cumsum(np.where(on, 1, -1))
+    s = cs - np.concatenate([[0], cs])[group_start][group_id]  # restart at each pitch
+    big = 2 * len(s) + 2
+    shifted = s - group_id * big  # later groups lie lower, so a running min never leaks back
+    low = np.minimum(np.minimum.accumulate(shifted) + group_id * big, 0) if len(s) else s
+    open_after = s - low
+    open_before = np.concatenate([[0], open_after[:-1]]) if len(s) else s
+    open_before[group_start] = 0
+    return NoteEvents(pos, on, pitch, open_before, open_after, group_id, group_start)
