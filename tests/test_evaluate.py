@@ -205,3 +205,56 @@ def test_sets_of_real_performances(asap_dir, tmp_path):
     assert m["bach"]["PCH"]["overlap"] > m["chopin"]["PCH"]["overlap"]
     assert "nan" not in (out / "table.md").read_text().lower()
     assert all(s["pieces"] == n for s, n in zip(result["sets"].values(), (8, 6, 6)))
+
+
+# ---------------------------------------------------------------- event validity
+
+ON, OFF, SHIFT = 3, 131, 259  # NOTE_ON 0, NOTE_OFF 0, TIME_SHIFT 1
+
+
+def test_event_validity_is_counted_on_the_emitted_tokens_after_the_prompt(tmp_path):
+    from perceiver_music.evaluate.validity import piece_validity
+    from perceiver_music.tokens.performance import PerformanceTokenizer
+
+    tok = PerformanceTokenizer()
+    second = SHIFT + 99  # TIME_SHIFT of 100 steps
+    prompt = [1, ON + 60, SHIFT + 9, OFF + 62]  # a stray NOTE_OFF inside the prompt: not counted
+    cont = [
+        OFF + 60,  # closes the prompt's note: valid
+        OFF + 60,  # stray
+        ON + 64,
+        ON + 64,  # re-struck
+        SHIFT + 9,
+        OFF + 64,  # closes the first 64 (FIFO); the second stays open, 6.1 s before the end
+        *[second] * 6,
+        ON + 67,  # open too, but struck 0.1 s before the end: cut by the end, not by the cap
+        ON + 69,
+        SHIFT + 9,
+    ]
+    ids = np.array(prompt + cont)
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    tok.decode_to_midi(ids, folder / "sample_00.mid")
+    np.save(folder / "sample_00.tokens.npy", ids.astype(np.uint16))
+    (folder / "generate.json").write_text(json.dumps({"prompt_tokens": len(prompt)}))
+    v = piece_validity(tok, folder / "sample_00.mid", tok.midi_to_notes(folder / "sample_00.mid"))
+    assert v.from_tokens
+    assert (v.note_ons, v.note_offs, v.stray_offs, v.restruck_ons) == (4, 3, 1, 1)
+    assert v.capped == 1 and v.notes == 4
+
+
+def test_event_validity_of_midi_without_tokens_counts_notes_lasting_the_cap(tmp_path):
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir()
+    gen.mkdir()
+    write_midi(ref / "a.mid", [(0, 5000, 60, 80), (100, 400, 62, 80), (200, 300, 64, 80)])
+    write_midi(ref / "b.mid", [(0, 300, 60, 80), (100, 4990, 62, 80)])
+    write_midi(gen / "c.mid", [(0, 5000, 60, 80), (0, 5000, 61, 80)])
+    result = evaluate_sets([gen], ref, tmp_path / "out", plots=False)
+    v = result["sets"]["reference"]["validity"]
+    assert v["source"] == "MIDI" and v["capped"] == 1 and v["notes"] == 5
+    assert v["stray_off_rate"] == 0 and v["restruck_on_rate"] == 0
+    assert v["note_seconds_mean"] == pytest.approx((5.0 + 0.3 + 0.1 + 0.3 + 4.89) / 5)
+    assert result["sets"]["gen"]["validity"]["capped_share"] == 1.0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## Event validity" in table and "| gen | MIDI | 0.0 % | 0.0 % | 100.0 % |" in table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from perceiver_music import checkpoint
@@ -56,10 +57,31 @@ def test_unconditional_batch(run_dir, tmp_path, capsys):
     settings = json.loads((out / "generate.json").read_text())
     assert settings["files"] == ["sample_00.mid", "sample_01.mid"]
     assert settings["sampling"]["top_k"] == 40 and settings["seed"] == 3 and settings["prompt_tokens"] == 1
-    for name, n in zip(settings["files"], settings["generated_tokens"]):
+    assert settings["sampling"]["keyboard"] is True and settings["sampling"]["pitch_range"] == [21, 108]
+    for name, n, kept in zip(settings["files"], settings["generated_tokens"], settings["token_files"]):
         assert 1 <= n <= 150
-        TOK.encode(out / name)  # a readable MIDI file
+        ids = np.load(out / kept)  # the emitted tokens, BOS first, which the MIDI was decoded from
+        assert ids[0] == BOS and len(ids) == n + 1
+        notes = TOK.decode_notes(ids[ids > 2])
+        assert np.array_equal(TOK.midi_to_notes(out / name).pitch, notes.pitch)  # a readable MIDI file
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_keyboard_mask_option(run_dir, tmp_path):
+    """Masked by default; --no-keyboard-mask lets the untrained model emit stray NOTE_OFFs."""
+    from perceiver_music.tokens.performance import note_events
+
+    strays = {}
+    for flag in ([], ["--no-keyboard-mask"]):
+        out = tmp_path / ("free" if flag else "masked")
+        args = ["generate", "--ckpt", str(run_dir), "--out", str(out), "--num", "4", "--tokens", "200"]
+        assert main([*args, "--quiet", "--no-render", "--seed", "1", "--pitch-range", "40-90", *flag]) == 0
+        rows = [np.load(f) for f in sorted(out.glob("*.tokens.npy"))]
+        events = [note_events(r.astype(np.int64), TOK.vocab) for r in rows]
+        strays[bool(flag)] = sum(int(ev.stray_off.sum()) for ev in events)
+        if not flag:
+            assert all(((ev.pitch[ev.on] >= 40) & (ev.pitch[ev.on] <= 90)).all() for ev in events)
+    assert strays[False] == 0 and strays[True] > 0
 
 
 def test_same_seed_same_music_with_and_without_cache(run_dir, tmp_path):
@@ -160,6 +182,8 @@ def test_bad_input_is_refused_before_any_work(run_dir, tmp_path, capsys):
         (["--ckpt", missing, "--temperature", "-1"], "temperature must be >= 0"),
         (["--ckpt", missing, "--num", "0"], "--num must be at least 1"),
         (["--ckpt", missing, "--seconds", "-2"], "--seconds must be positive"),
+        (["--ckpt", missing, "--pitch-range", "high"], "--pitch-range must be LOW-HIGH"),
+        (["--ckpt", missing, "--pitch-range", "90-30"], "pitch_range must be two pitches"),
         (["--ckpt", missing, "--prompt", str(tmp_path / "nope.mid")], "no such prompt file"),
         (["--ckpt", missing], "no checkpoint here"),
     ]

@@ -124,12 +124,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pitch_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"--pitch-range must be LOW-HIGH in MIDI pitches, e.g. 21-108, got {text!r}")
+    return int(low), int(high)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from perceiver_music.sample import SamplingConfig
 
     # Every setting is checked before the model is loaded.
     try:
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p)
+        sampling = SamplingConfig(
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.min_p,
+            keyboard=not args.no_keyboard_mask,
+            pitch_range=_pitch_range(args.pitch_range),
+        )
     except ValueError as e:
         return _fail(str(e))
     for name in ("num", "tokens", "prompt_tokens", "refill"):
@@ -391,6 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--min-p", type=float, default=0.0, help="0: off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-keyboard-mask",
+        action="store_true",
+        help="also sample events performances never contain (NOTE_OFF of a silent pitch, NOTE_ON of "
+        "a sounding one, EOS while a note sounds); masked by default",
+    )
+    p.add_argument(
+        "--pitch-range",
+        default="21-108",
+        metavar="LOW-HIGH",
+        help="NOTE_ONs outside it are masked (default 21-108, the piano; the prompt's pitches always pass)",
+    )
     p.add_argument(
         "--no-cache", action="store_true", help="the slow reference path: a full forward per token"
     )

@@ -2,9 +2,9 @@
 
 Unconditional (from BOS) or continuing a MIDI prompt (its last k tokens, or its last s
 seconds), --num samples as one batch, length in tokens or seconds, stopping at EOS, lengths
-far beyond the training context. Writes one MIDI per sample, its piano roll (PNG, the prompt's
-end marked) and, where FluidSynth is installed, its audio (WAV or FLAC), and generate.json
-with the settings used.
+far beyond the training context. Writes one MIDI per sample, the tokens it was decoded from
+(NAME.tokens.npy, prompt included), its piano roll (PNG, the prompt's end marked) and, where
+FluidSynth is installed, its audio (WAV or FLAC), and generate.json with the settings used.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from perceiver_music.checkpoint import load_model
+from perceiver_music.evaluate.validity import TOKENS_SUFFIX
 from perceiver_music.model.base import check_precision
 from perceiver_music.sample import SamplingConfig, generate
 from perceiver_music.tokens.performance import BOS, EOS, MidiError, PerformanceTokenizer
@@ -93,6 +94,8 @@ def generate_midi(
     ckpt: a run or checkpoint folder; None for the bundled model.
     tokens: how many tokens to generate (default 1024 when neither tokens nor seconds is given);
     seconds: stop a piece once its continuation lasts this long (tokens then only caps it).
+    sampling: temperature, top-k/p, min-p, and the keyboard mask (`SamplingConfig.keyboard`,
+    on by default: no NOTE_OFF of a silent pitch, no NOTE_ON of a sounding one).
     precision: "fp32", "bf16" or "auto" (bf16 on GPU, fp32 on CPU); see `sample.generate`.
     render: also write each piece's piano roll and, with `audio_format` ("wav", "flac" or None),
     its audio; when FluidSynth or a soundfont is missing the audio is skipped and a note says why.
@@ -143,6 +146,9 @@ def generate_midi(
         path = out / f"sample_{i:02d}.mid"
         events = row[(row != BOS) & (row != EOS)]
         tok.decode_to_midi(events, path)
+        # The emitted tokens, prompt included: `evaluate` reads them to count impossible events
+        # (which the MIDI no longer shows, the decoder having repaired them).
+        np.save(path.with_name(path.stem + TOKENS_SUFFIX), row.astype(np.uint16))
         decoded = tok.decode_notes(events)
         files.append(path)
         lengths.append(len(row) - len(ids))
@@ -168,6 +174,7 @@ def generate_midi(
         "device": str(device),
         "model": asdict(cfg.model),
         "files": [p.name for p in files],
+        "token_files": [p.stem + TOKENS_SUFFIX for p in files],
         "generated_tokens": lengths,
         "piece_seconds": [round(d, 2) for d in durations],
         "tokens_per_second": round(result.tokens_per_s, 1),

@@ -19,7 +19,7 @@ import numpy as np
 
 from perceiver_music.config import TokenizerConfig
 from perceiver_music.data.prepare import atomic_write_text, find_midi
-from perceiver_music.evaluate import metrics, repetition
+from perceiver_music.evaluate import metrics, repetition, validity
 from perceiver_music.tokens.performance import MidiError, Notes, PerformanceTokenizer
 
 LAGS_SHOWN = (1, 2, 4, 8, 16)
@@ -40,6 +40,7 @@ class PieceSet:
     repetition_profile: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [pieces, segments]
     autocorrelation: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [pieces, lags]
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    validity: dict = field(default_factory=dict)  # see evaluate/validity.py
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -68,6 +69,7 @@ def load_set(
         raise SetError(f"{root}: no MIDI files (.mid, .midi) found")
     out = PieceSet(name or root.name or str(root), root)
     per_piece, profiles, autocorr, per_second, fraction = [], [], [], [], []
+    valid, piece_steps = [], []
     for path in files:
         rel = str(path.relative_to(root)) if path != root else path.name
         try:
@@ -85,6 +87,8 @@ def load_set(
         fraction.append(rep["repeated_fraction"])
         profiles.append(rep["per_segment"])
         autocorr.append(repetition.token_autocorrelation(tok.encode_notes(steps)))
+        valid.append(validity.piece_validity(tok, path, steps))
+        piece_steps.append(steps)
         out.paths.append(rel)
     if per_piece:
         out.features = metrics.stack_features(per_piece)
@@ -92,6 +96,7 @@ def load_set(
         out.repeated_fraction = np.array(fraction)
         out.repetition_profile = np.stack(profiles)
         out.autocorrelation = np.stack(autocorr)
+        out.validity = validity.summarise(valid, piece_steps, sps)
     return out
 
 
@@ -176,6 +181,7 @@ def _set_json(s: PieceSet) -> dict:
             {"path": p, **{m: float(s.features[m][i, 0]) for m in ("PC", "NC", "PR", "PI", "IOI")}}
             for i, p in enumerate(s.paths)
         ],
+        "validity": s.validity,
         "repetition": {
             "repeated_per_second_mean": float(s.repeated_per_second.mean()),
             "repeated_fraction_mean": float(s.repeated_fraction.mean()),
@@ -209,6 +215,35 @@ def table_one(result: dict) -> list[str]:
             for g in gens
         ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def validity_table(sets: dict) -> list[str]:
+    """The Markdown rows of the event-validity table, one row per set (see evaluate/validity.py)."""
+    lines = [
+        "## Event validity",
+        "",
+        "Stray NOTE_OFF: of a pitch not sounding. Re-struck NOTE_ON: of a pitch already sounding.",
+        "Capped: notes never released, ended by the decoder's `max_note_seconds`. Generated pieces",
+        "are counted on the tokens the model emitted (the continuation only) where `generate` kept them.",
+        "",
+        "| Set | source | stray NOTE_OFF | re-struck NOTE_ON | capped notes | note length mean / median (s) "
+        "| velocity mean ± std |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in sets.items():
+        v = s["validity"]
+        if not v:
+            continue
+        lines.append(
+            f"| {name} | {v['source']} | {_pct(v['stray_off_rate'])} | {_pct(v['restruck_on_rate'])} "
+            f"| {_pct(v['capped_share'])} | {_fmt(v['note_seconds_mean'], 2)} / {_fmt(v['note_seconds_median'], 2)} "
+            f"| {_fmt(v['velocity_mean'], 1)} ± {_fmt(v['velocity_std'], 1)} |"
+        )
     return lines
 
 
@@ -247,6 +282,7 @@ def markdown(result: dict) -> str:
             cells.append(f"{_fmt(intra['mean'])} ± {_fmt(intra['std'])}" if intra else "n/a (one piece)")
             cells.append(f"{_fmt(row['inter']['mean'])} ± {_fmt(row['inter']['std'])}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", *validity_table(sets)]
     lines += [
         "",
         "## Repetition",
