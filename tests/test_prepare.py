@@ -239,4 +239,4 @@ def test_empty_valid_or_test_split_is_warned_about(tmp_path, capsys):
     empty = [s for s in ("valid", "test") if meta["counts"][s]["pieces"] == 0]
     assert empty  # one piece fills one split
     for split in empty:
-        assert f"warning: the {split} split is empty (1 pieces in all, split by hash of path)" in err
+        assert f"warning: the {split} split is empty (1 piece in all, split by hash of path)" in err

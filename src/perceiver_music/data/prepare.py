@@ -321,7 +321,7 @@ def prepare(
     counts = {s: sum(p["split"] == s for p in pieces) for s in SPLITS}
     seconds = {s: float(sum(p["seconds"] for p in pieces if p["split"] == s)) for s in SPLITS}
     warnings = [
-        f"the {s} split is empty ({len(pieces)} pieces in all, split by {method}); "
+        f"the {s} split is empty ({len(pieces)} piece{'s' * (len(pieces) != 1)} in all, split by {method}); "
         f"{'validation loss' if s == 'valid' else 'test evaluation'} will have nothing to read"
         for s in ("valid", "test")
         if counts[s] == 0
