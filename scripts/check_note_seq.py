@@ -2,9 +2,12 @@
 
 For every MIDI file under a folder the score is read once with symusic (our `load_score`), and
 the very notes and sustain-pedal events that our encoder uses are handed to note_seq as a
-`NoteSequence`: one `instrument` per non-drum track (its index), times in float64 seconds from
-our tick -> seconds map (`_tick_to_seconds`), CC64 events as `control_changes`. note_seq's own
-pipeline then runs on it:
+`NoteSequence`: one `instrument` per non-drum track (its index), CC64 events as
+`control_changes`, and times exact: the integers of our tick -> time map (`_tick_to_time`, in
+units of 1 / (1e6 * ticks per quarter) s; a double holds them exactly below 2**53), so that
+note_seq's sustain pass compares exact times. Its quantiser, int(t * steps + 0.5), is run
+on those exact times as rationals (`exact_quantize_to_step`, patched in for the float one),
+which is the rounding the tokenizer does. note_seq's own pipeline then runs on it:
 
     sequences_lib.apply_sustain_control_changes(ns)
     sequences_lib.quantize_note_sequence_absolute(ns, steps_per_second)
@@ -30,10 +33,12 @@ FOLDER defaults to ../shared/data/asap beside the repository. The exit status is
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 import warnings
+from fractions import Fraction
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -45,23 +50,43 @@ from note_seq.protobuf import music_pb2  # noqa: E402
 
 from perceiver_music.tokens.performance import (  # noqa: E402
     PerformanceTokenizer,
-    _tick_to_seconds,
+    _tick_to_time,
     load_score,
 )
 
 MIDI_SUFFIXES = (".mid", ".midi")
 SUSTAIN = 64
+# Units per second of the file being compared (one file at a time per process).
+_units_per_second = 1
 
 
-def score_to_note_sequence(score) -> music_pb2.NoteSequence:
-    """The notes and CC64 events our encoder reads, as an unquantised NoteSequence.
+def exact_quantize_to_step(unquantized_time, steps_per_second, quantize_cutoff=sequences_lib.QUANTIZE_CUTOFF):
+    """note_seq's quantize_to_step, int(seconds * steps + 1 - cutoff), in exact rationals on
+    times given in integer units of 1 / _units_per_second s."""
+    seconds = Fraction(int(unquantized_time), _units_per_second)
+    return math.floor(seconds * steps_per_second + 1 - Fraction(quantize_cutoff))
+
+
+sequences_lib.quantize_to_step = exact_quantize_to_step
+
+
+def score_to_note_sequence(score) -> tuple[music_pb2.NoteSequence, int]:
+    """The notes and CC64 events our encoder reads, as an unquantised NoteSequence with exact
+    integer times, and the units per second of those times.
 
     Mirrors `score_to_notes`: drum tracks are skipped, a negative duration counts as zero.
     CC64 events of non-drum tracks without notes are kept too, as note_seq's MIDI import would
     keep them (they can only move the end of the piece, to which note_seq extends notes still
     held by the pedal).
     """
-    to_sec = _tick_to_seconds(score)
+    to_time, units = _tick_to_time(score)
+
+    def to_sec(ticks: np.ndarray) -> np.ndarray:
+        t = to_time(ticks)
+        if len(t) and t.max() >= 2**53:
+            raise ValueError("times beyond 2**53 units cannot be handed to note_seq exactly")
+        return t.astype(np.float64)
+
     ns = music_pb2.NoteSequence()
     ns.ticks_per_quarter = int(score.ticks_per_quarter)
     for index, track in enumerate(score.tracks):
@@ -81,7 +106,7 @@ def score_to_note_sequence(score) -> music_pb2.NoteSequence:
         for t, value in zip(cc_time.tolist(), cc["value"][sustain].tolist()):
             ns.control_changes.add(time=t, control_number=SUSTAIN, control_value=value, instrument=index)
     ns.total_time = max((n.end_time for n in ns.notes), default=0.0)
-    return ns
+    return ns, units
 
 
 def note_seq_names(ns: music_pb2.NoteSequence, tok: PerformanceTokenizer) -> list[str]:
@@ -108,11 +133,13 @@ def step_at(names: list[str], pos: int) -> int:
 
 def compare_file(path: str, context: int = 6) -> dict:
     """Encode one file both ways; the result describes the first difference, if any."""
+    global _units_per_second
     tok = PerformanceTokenizer()
     try:
         score = load_score(path)
         ours = tok.vocab.names(tok.encode(path))
-        theirs = note_seq_names(score_to_note_sequence(score), tok)
+        ns, _units_per_second = score_to_note_sequence(score)
+        theirs = note_seq_names(ns, tok)
     except Exception as e:  # a file that either side cannot handle is reported, not fatal
         return {"path": path, "status": "error", "error": f"{type(e).__name__}: {e}"}
     if ours == theirs:

@@ -8,6 +8,7 @@ decoder as a FIFO queue per pitch), so the vectorised tokenizer can be checked a
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from fractions import Fraction
 
 SUSTAIN_ON, SUSTAIN_OFF, NOTE_ON, NOTE_OFF = 0, 1, 2, 3
 
@@ -56,11 +57,15 @@ def apply_sustain(notes, pedals, final_time):
     return [n for k, n in enumerate(notes) if k not in dropped]
 
 
-def quantize(notes, steps_per_second=100):
+def quantize(notes, steps_per_second=100, units_per_second=None):
+    """floor(t * steps + 1/2); with `units_per_second`, times are integers in those units and
+    are rounded as exact fractions."""
+    half = Fraction(1, 2) if units_per_second else 0.5
+    scale = Fraction(steps_per_second, units_per_second) if units_per_second else steps_per_second
     out = []
     for s, e, p, v in sorted(notes, key=lambda n: (n[0], n[2])):
-        qs = int((s * steps_per_second + 0.5) // 1)
-        qe = int((e * steps_per_second + 0.5) // 1)
+        qs = int((s * scale + half) // 1)
+        qe = int((e * scale + half) // 1)
         out.append((qs, max(qe, qs + 1), p, v))
     return out
 

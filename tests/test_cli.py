@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from perceiver_music.cli import main
 from perceiver_music.render import rendering_available
 from perceiver_music.tokens.performance import PerformanceTokenizer
@@ -105,3 +107,49 @@ def test_render_command(tmp_path, capsys):
         main(["render", str(tmp_path / "in"), "--out", str(out), "--soundfont", str(tmp_path / "x.sf2")]) == 2
     )
     assert "x.sf2" in capsys.readouterr().err
+
+
+def test_tokenize_without_any_midi_is_bad_input(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["tokenize", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: no .mid or .midi files found" in err
+    assert "error: no MIDI file to tokenize in:" in err
+    assert main(["tokenize", str(tmp_path / "missing")]) == 2
+
+
+@pytest.fixture
+def data_folder(tmp_path):
+    """Just enough of a prepared folder for the argument checks (they come before any model)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text("{}")
+    for split in ("train", "valid"):
+        (data / f"{split}.npy").write_bytes(b"")
+    return data
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--split", "nosuch"], "no split 'nosuch' (it has: train, valid)"),
+        (["--split", "test"], "no split 'test' (it has: train, valid)"),
+        (["--split", "valid", "--buckets", "abc"], "--buckets must be increasing positive token positions"),
+        (["--split", "valid", "--buckets", "100,50"], "(got '100,50')"),
+        (["--split", "valid", "--stride", "0"], "--stride must be a positive number (got 0)"),
+        (["--split", "valid", "--batch-size", "-1"], "--batch-size must be a positive number (got -1)"),
+    ],
+)
+def test_evaluate_rejects_bad_arguments_with_a_message(data_folder, tmp_path, capsys, extra, message):
+    args = [
+        "evaluate",
+        "--ckpt",
+        str(tmp_path / "run"),
+        "--data",
+        str(data_folder),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Errno" not in err and "Traceback" not in err

@@ -208,3 +208,54 @@ def test_token_autocorrelation():
     assert np.abs(repetition.token_autocorrelation(rng.integers(0, 100, 20_000), 8)).max() < 0.05
     assert np.isnan(repetition.token_autocorrelation(np.full(100, 7), 4)).all()
     assert np.isnan(repetition.token_autocorrelation(np.arange(3), 4)).all()
+
+
+# ------------------------------------------------ the KL divergence against scipy's exact KDE
+
+
+def scipy_kl(a: np.ndarray, b: np.ndarray, points: int = 2048) -> float:
+    """KL(a || b) from scipy's gaussian_kde (exact kernel sums, logpdf in log space) on the grid
+    and with the bandwidths that compare_distributions uses."""
+    from scipy.integrate import trapezoid
+    from scipy.special import logsumexp
+    from scipy.stats import gaussian_kde
+
+    scale = float(max(np.abs(a).max(), np.abs(b).max()))
+    da, db = metrics.Density.fit(a, scale), metrics.Density.fit(b, scale)
+    grid = metrics.shared_grid(da, db, points)
+    log_p = gaussian_kde(a, bw_method=da.bandwidth / a.std(ddof=1)).logpdf(grid)
+    log_q = gaussian_kde(b, bw_method=db.bandwidth / b.std(ddof=1)).logpdf(grid)
+    log_w = np.log(np.full(points, grid[1] - grid[0]) * np.r_[0.5, np.ones(points - 2), 0.5])
+    log_p -= logsumexp(log_p + log_w)
+    log_q -= logsumexp(log_q + log_w)
+    return float(trapezoid(np.exp(log_p) * (log_p - log_q), grid))
+
+
+RNG = np.random.default_rng(7)
+KL_CASES = {
+    # b's density is tiny, not zero, where a lives: the tails decide the KL.
+    "far apart": (RNG.normal(0, 1, 300), RNG.normal(20, 1, 300)),
+    "one wider": (RNG.normal(0, 1, 1000), RNG.normal(0, 3, 1000)),
+    "shifted": (RNG.normal(0, 1, 2000), RNG.normal(1, 1, 2000)),
+    "a few outliers": (RNG.gamma(2, 1, 1000), np.r_[RNG.gamma(2, 1.2, 1000), RNG.normal(40, 1, 5)]),
+    "narrow against wide": (RNG.normal(5, 0.1, 200), RNG.normal(5, 2, 200)),
+}
+
+
+@pytest.mark.parametrize("case", list(KL_CASES))
+def test_kl_matches_scipys_kde(case):
+    a, b = KL_CASES[case]
+    want = scipy_kl(a, b)
+    assert math.isfinite(want)
+    assert metrics.compare_distributions(a, b)["kl"] == pytest.approx(want, rel=2e-3, abs=1e-4)
+
+
+def test_log_density_in_the_tails_matches_scipy():
+    from scipy.stats import gaussian_kde
+
+    sample = np.random.default_rng(9).normal(0, 1, 500)
+    density = metrics.Density.fit(sample, scale=4)
+    grid = np.linspace(-40, 40, 2048)
+    want = gaussian_kde(sample, bw_method=density.bandwidth / sample.std(ddof=1)).logpdf(grid)
+    assert want.min() < -1000  # far beyond float64's smallest density
+    np.testing.assert_allclose(density.log_on_grid(grid), want, rtol=2e-3, atol=1e-3)

@@ -16,11 +16,13 @@ from perceiver_music.tokens.performance import (
     MidiError,
     Notes,
     PerformanceTokenizer,
-    _tick_to_seconds,
+    _round_to_steps,
+    _tick_to_time,
     apply_sustain,
     load_score,
     pair_fifo,
     quantize,
+    score_time_notes,
     score_to_notes,
 )
 
@@ -204,6 +206,41 @@ def test_quantisation_rounds_half_up_and_keeps_zero_length_notes(tmp_path):
     ]  # fmt: skip
 
 
+def test_every_exact_half_step_rounds_up_whatever_the_tempo_map(tmp_path):
+    # Onsets every 10 ms starting at 5 ms: each lies exactly on a half step and must round up,
+    # which float64 seconds got wrong for 43 of these 2000 (e.g. 0.285 s -> step 28). Then a
+    # second tempo segment (tick 0.5 ms) whose half steps are reached through the first one.
+    ms = np.arange(5, 20_000, 10)
+    notes = [(int(t), int(t) + 3, 60, 80) for t in ms]
+    later = [(40_000 + 2 * int(t), 40_000 + 2 * int(t) + 4, 62, 80) for t in ms]
+    path = write_midi(tmp_path / "a.mid", notes + later, tempos=[(0, 480_000), (40_000, 240_000)])
+    q = TOK.midi_to_notes(path)
+    want = np.concatenate([(ms + 5) // 10, 4000 + (ms + 5) // 10])
+    assert np.array_equal(q.start, want)
+    assert np.array_equal(q.end - q.start, np.ones(len(want), np.int64))
+
+
+def test_exact_times_are_integers_in_units_of_the_tempo_map(tmp_path):
+    path = write_midi(
+        tmp_path / "a.mid", [(960, 1440, 60, 80)], tpq=480, tempos=[(0, 500_000), (960, 250_000)]
+    )
+    to_time, units = _tick_to_time(load_score(path))
+    assert units == 480_000_000
+    assert to_time(np.array([0, 960, 1440])).tolist() == [0, units, units + units // 4]
+    notes, units = score_time_notes(load_score(path))
+    assert notes.start.dtype == np.int64 and notes.start.tolist() == [units]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**56), st.integers(1, 2**15), st.sampled_from([100, 50, 125, 1000]))
+def test_rounding_to_steps_is_exact_for_any_time_int64_can_hold(t, tpq, steps):
+    from fractions import Fraction
+
+    units = 1_000_000 * tpq
+    want = int((Fraction(t, units) * steps + Fraction(1, 2)) // 1)
+    assert _round_to_steps(np.array([t]), steps, units).tolist() == [want]
+
+
 def test_empty_file(tmp_path):
     path = write_midi(tmp_path / "empty.mid")
     assert len(TOK.encode(path)) == 0
@@ -285,6 +322,23 @@ def test_sustain_quantise_encode_match_the_reference(raw, pedals):
     p_down = np.array([d for _, d in pedals], bool)
     final = max([0.0, *notes.end.tolist(), *p_time.tolist()])
     ours = apply_sustain(notes, p_time, p_down, final)
+    # The same in exact integer times (ms): what `score_time_notes` hands to it.
+    ms = Notes(
+        (notes.start * 1000).round().astype(np.int64),
+        (notes.end * 1000).round().astype(np.int64),
+        notes.pitch,
+        notes.velocity,
+    )
+    exact = apply_sustain(ms, (p_time * 1000).round().astype(np.int64), p_down, round(final * 1000))
+    assert exact.start.dtype == np.int64 and exact.end.dtype == np.int64
+    assert np.array_equal(exact.end, (ours.end * 1000).round())
+    exact_ref = [
+        (int(a), int(b), int(p), int(v))
+        for a, b, p, v in zip(exact.start, exact.end, exact.pitch, exact.velocity)
+    ]
+    assert TOK.vocab.names(TOK.encode_notes(quantize(exact, 100, 1000))) == ref.encode(
+        ref.quantize(exact_ref, units_per_second=1000)
+    )
     ref_notes = ref.apply_sustain(
         [[s, e, p, v] for s, e, p, v in zip(notes.start, notes.end, notes.pitch, notes.velocity)],
         list(zip(p_time.tolist(), p_down.tolist())),
@@ -325,9 +379,10 @@ def test_reference_agrees_on_real_performances(asap_files):
     for path in asap_files[::40]:
         score = load_score(path)
         ours = TOK.vocab.names(TOK.encode(path))
-        # Rebuild the same notes and pedals per track and run the reference on them.
-        to_sec = _tick_to_seconds(score)
-        tracks, final = [], 0.0
+        # Rebuild the same notes and pedals per track, with exact integer times, and run the
+        # reference on them (it quantises them as exact rationals).
+        to_sec, units = _tick_to_time(score)
+        tracks, final = [], 0
         for track in score.tracks:
             if track.is_drum or len(track.notes) == 0:
                 continue
@@ -336,11 +391,13 @@ def test_reference_agrees_on_real_performances(asap_files):
             e = to_sec(nt["time"].astype(np.int64) + nt["duration"])
             sus = cc["number"] == 64
             pt = to_sec(cc["time"][sus].astype(np.int64))
-            final = max(final, float(e.max()), float(pt.max(initial=0)))
-            notes = [[a, b, int(p), int(v)] for a, b, p, v in zip(s, e, nt["pitch"], nt["velocity"])]
+            final = max(final, int(e.max()), int(pt.max(initial=0)))
+            notes = [
+                [int(a), int(b), int(p), int(v)] for a, b, p, v in zip(s, e, nt["pitch"], nt["velocity"])
+            ]
             tracks.append((notes, list(zip(pt.tolist(), (cc["value"][sus] >= 64).tolist()))))
         merged = [n for notes, pedals in tracks for n in ref.apply_sustain(notes, pedals, final)]
-        assert ours == ref.encode(ref.quantize(merged)), path
+        assert ours == ref.encode(ref.quantize(merged, units_per_second=units)), path
 
 
 def test_round_trip_on_every_asap_performance(asap_files):

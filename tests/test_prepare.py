@@ -195,3 +195,48 @@ def test_prepare_all_asap(asap_dir, tmp_path):
     assert result.usable == 1067 and not result.skipped
     assert result.split_method == "ASAP piece folder"
     assert min(result.pieces.values()) > 50
+
+
+def test_no_midi_or_not_a_folder_writes_nothing(tmp_path, capsys):
+    empty, text_only = tmp_path / "empty", tmp_path / "text"
+    empty.mkdir()
+    text_only.mkdir()
+    (text_only / "readme.txt").write_text("no MIDI here")
+    one = good_midi(tmp_path / "one.mid", 1)
+    for source, message in [
+        (empty, f"{empty}: no MIDI files (.mid, .midi) found; nothing written"),
+        (text_only, f"{text_only}: no MIDI files (.mid, .midi) found; nothing written"),
+        (one, f"{one}: not a folder; prepare reads a folder of MIDI files (`tokenize` reads single files)"),
+    ]:
+        out = tmp_path / "out"
+        assert main(["prepare", str(source), "--out", str(out), "--quiet"]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "Prepared" not in captured.out
+        assert not out.exists()
+
+
+def test_only_bad_files_write_nothing(mixed_folder, tmp_path, capsys):
+    root, _, _ = mixed_folder
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    for name in ("zero.mid", "truncated.mid", "corrupt.mid", "sub/notmidi.mid"):
+        shutil.copy(root / name, only_bad / name.replace("/", "_"))
+    out = tmp_path / "out"
+    assert main(["prepare", str(only_bad), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no usable MIDI file: none of the 4 could be used (corrupt.mid: corrupt MIDI" in err
+    assert "and 1 more); nothing written" in err
+    assert not out.exists()
+
+
+def test_empty_valid_or_test_split_is_warned_about(tmp_path, capsys):
+    root = tmp_path / "midi"
+    root.mkdir()
+    good_midi(root / "a.mid", 1)
+    assert main(["prepare", str(root), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    empty = [s for s in ("valid", "test") if meta["counts"][s]["pieces"] == 0]
+    assert empty  # one piece fills one split
+    for split in empty:
+        assert f"warning: the {split} split is empty (1 piece in all, split by hash of path)" in err

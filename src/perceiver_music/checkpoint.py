@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from perceiver_music.config import Config, from_dict
+from perceiver_music.files import save_tensors
 
 STEP_PREFIX = "step_"
 BUNDLED = Path(__file__).resolve().parent / "bundled"  # the default model: weights, config, card
@@ -83,7 +84,7 @@ def staging_dir(ckpt_root: Path, step: int) -> Path:
 
 
 def write_rng(staging: Path, rank: int) -> None:
-    save_file(rng_state(), str(staging / f"rng_rank{rank}.safetensors"))
+    save_tensors(rng_state(), str(staging / f"rng_rank{rank}.safetensors"))
 
 
 def write_checkpoint(
@@ -94,12 +95,12 @@ def write_checkpoint(
     config: Config,
 ) -> None:
     """Write model, optimizer and trainer state into the staging folder (rank 0 only)."""
-    save_file(
+    save_tensors(
         {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
         str(staging / "model.safetensors"),
     )
     tensors, rest = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(staging / "optimizer.safetensors"))
+    save_tensors(tensors, str(staging / "optimizer.safetensors"))
     _write_json(staging / "trainer.json", {**trainer, "optimizer": rest})
     _write_json(staging / "config.json", config_dict(config))
 
@@ -124,7 +125,7 @@ def save_best(run_dir: Path, model: torch.nn.Module, config: Config, info: dict)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(
+    save_tensors(
         {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
         str(tmp / "model.safetensors"),
     )

@@ -33,7 +33,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     cfg = _load(args)
     tok = PerformanceTokenizer(cfg.tokenizer)
     result: dict[str, list] = {}
-    errors = 0
+    errors = found = 0
     for given in args.paths:
         root = Path(given)
         if root.is_dir():
@@ -48,6 +48,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
             print(f"{root}: no such file or folder", file=sys.stderr)
             errors += 1
             continue
+        found += len(pairs)
         for path, rel in pairs:
             try:
                 ids = tok.encode(path)
@@ -56,6 +57,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
                 errors += 1
                 continue
             result[rel] = ids.tolist() if args.ids else tok.vocab.names(ids)
+    if found == 0:
+        return _fail("no MIDI file to tokenize in: " + ", ".join(args.paths))
     # One file per line: readable, and still one JSON document.
     body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in result.items())
     text = "{\n" + body + "\n}" if result else "{}"
@@ -71,7 +74,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from perceiver_music.data.prepare import prepare
+    from perceiver_music.data.prepare import PrepareError, prepare
 
     cfg = _load(args)
     if args.workers is not None:
@@ -82,9 +85,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         result = prepare(args.midi_dir, args.out, cfg.prepare, cfg.tokenizer, progress=not args.quiet)
     except FileNotFoundError as e:
         return _fail(str(e))
+    except PrepareError as e:
+        return _fail(str(e), e.exit_status)
     print(result.summary())
-    if result.usable == 0:
-        return _fail(f"no usable MIDI file found under {args.midi_dir}", 1)
+    for warning in result.warnings:
+        print(f"perceiver-music: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -219,9 +224,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _fail("likelihood evaluation needs both --ckpt and --data")
     if not (Path(args.data) / "meta.json").is_file():
         return _fail(f"{args.data}: not a prepared data folder (no meta.json; run `perceiver-music prepare`)")
-    buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip()) if args.buckets else ()
+    if not (Path(args.data) / f"{args.split}.npy").is_file():
+        found = [s for s in ("train", "valid", "test") if (Path(args.data) / f"{s}.npy").is_file()]
+        return _fail(f"{args.data}: no split {args.split!r} (it has: {', '.join(found) or 'none'})")
+    try:
+        buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip()) if args.buckets else ()
+    except ValueError:
+        buckets = (0,)
     if list(buckets) != sorted(set(buckets)) or any(b < 1 for b in buckets):
-        return _fail("--buckets must be increasing positive token positions, e.g. 1024,4096")
+        return _fail(
+            f"--buckets must be increasing positive token positions, e.g. 1024,4096 (got {args.buckets!r})"
+        )
+    for name in ("stride", "batch_size", "max_pieces"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return _fail(f"--{name.replace('_', '-')} must be a positive number (got {value})")
 
     from perceiver_music.evaluate.likelihood import evaluate_likelihood, write_likelihood
 

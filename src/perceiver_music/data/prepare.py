@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -30,11 +29,21 @@ from pathlib import Path
 import numpy as np
 
 from perceiver_music.config import PrepareConfig, TokenizerConfig
+from perceiver_music.files import atomic_save_npy, atomic_write_text
 from perceiver_music.tokens.performance import BOS, EOS, MidiError, PerformanceTokenizer
 
 SPLITS = ("train", "valid", "test")
 MIDI_SUFFIXES = (".mid", ".midi")
 FORMAT_VERSION = 1
+
+
+class PrepareError(ValueError):
+    """Input that `prepare` cannot make data from: not a folder, no MIDI (exit status 2), or
+    MIDI files of which none could be used (exit status 1)."""
+
+    def __init__(self, message: str, exit_status: int = 2):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 @dataclass
@@ -49,6 +58,7 @@ class PrepareResult:
     encoded: int  # files read this run
     elapsed: float
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. an empty valid or test split
 
     @property
     def usable(self) -> int:
@@ -201,29 +211,6 @@ def _previous_run(out_dir: Path, tok_cfg: dict) -> tuple[dict[str, dict], dict[s
     return records, arrays
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _progress(items: Iterable, total: int, show: bool):
     if not show:
         return items
@@ -242,20 +229,25 @@ def prepare(
     """Tokenize every MIDI file under `midi_dir` into per-split arrays in `out_dir`.
 
     Bad files are skipped and reported with their reason; good ones are never lost. Raises
-    FileNotFoundError if `midi_dir` does not exist; returns a result with `usable == 0` if no
-    file could be used (the CLI turns that into a non-zero exit status).
+    FileNotFoundError if `midi_dir` does not exist, and PrepareError if it is not a folder, holds
+    no MIDI file or no usable one; nothing is written then.
     """
     t0 = time.perf_counter()
     cfg = cfg or PrepareConfig()
     tokenizer = tokenizer or TokenizerConfig()
     root, out = Path(midi_dir), Path(out_dir)
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"{root}: no such folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        raise PrepareError(
+            f"{root}: not a folder; prepare reads a folder of MIDI files (`tokenize` reads single files)"
+        )
     if progress is None:
         progress = sys.stderr.isatty()
 
     files = find_midi(root)
+    if not files:
+        raise PrepareError(f"{root}: no MIDI files (.mid, .midi) found; nothing written")
     rels = [f.relative_to(root).as_posix() for f in files]
     split_of, method, notes = assign_splits(root, rels, cfg)
     tok_cfg = dataclasses.asdict(tokenizer)
@@ -318,14 +310,29 @@ def prepare(
         chunks[split].append(ids)
         offsets[split] += len(ids)
 
+    if not pieces:
+        shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise PrepareError(
+            f"{root}: no usable MIDI file: none of the {len(skipped)} could be used "
+            f"({shown}{more}); nothing written",
+            exit_status=1,
+        )
     counts = {s: sum(p["split"] == s for p in pieces) for s in SPLITS}
     seconds = {s: float(sum(p["seconds"] for p in pieces if p["split"] == s)) for s in SPLITS}
+    warnings = [
+        f"the {s} split is empty ({len(pieces)} piece{'s' * (len(pieces) != 1)} in all, split by {method}); "
+        f"{'validation loss' if s == 'valid' else 'test evaluation'} will have nothing to read"
+        for s in ("valid", "test")
+        if counts[s] == 0
+    ]
     del old_arrays  # release the memory maps before the files they map are replaced
+    out.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
         tokens = np.concatenate(chunks[s]) if chunks[s] else np.zeros(0, np.uint16)
         index = np.array([[p["offset"], p["length"]] for p in pieces if p["split"] == s], np.int64)
-        _atomic_save_npy(out / f"{s}.npy", tokens.astype(np.uint16))
-        _atomic_save_npy(out / f"{s}.index.npy", index.reshape(-1, 2))
+        atomic_save_npy(out / f"{s}.npy", tokens.astype(np.uint16))
+        atomic_save_npy(out / f"{s}.index.npy", index.reshape(-1, 2))
 
     vocab = PerformanceTokenizer(tokenizer).vocab
     meta = {
@@ -356,6 +363,7 @@ def prepare(
         encoded=len(todo),
         elapsed=time.perf_counter() - t0,
         notes=notes,
+        warnings=warnings,
     )
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from perceiver_music.checkpoint import load_model
-from perceiver_music.data.prepare import atomic_write_text
 from perceiver_music.data.windows import TokenData
+from perceiver_music.files import atomic_write_text
 from perceiver_music.tokens.performance import PAD
 
 DEFAULT_BUCKETS = (1024, 4096)  # token positions where a new bucket starts

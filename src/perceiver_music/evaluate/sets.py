@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from perceiver_music.config import TokenizerConfig
-from perceiver_music.data.prepare import atomic_write_text, find_midi
+from perceiver_music.data.prepare import find_midi
 from perceiver_music.evaluate import metrics, repetition, validity
+from perceiver_music.files import atomic_write_text
 from perceiver_music.tokens.performance import MidiError, Notes, PerformanceTokenizer
 
 LAGS_SHOWN = (1, 2, 4, 8, 16)

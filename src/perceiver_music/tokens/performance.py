@@ -49,7 +49,8 @@ class MidiError(ValueError):
 class Notes:
     """Notes as parallel arrays, sorted by (start, pitch).
 
-    Times are seconds (float64) before quantisation and integer steps after it.
+    Times are seconds (float64) or exact integer units (`score_time_notes`) before
+    quantisation, and integer steps after it.
     """
 
     start: np.ndarray
@@ -165,33 +166,52 @@ def load_score(source: str | os.PathLike | bytes, name: str | None = None):
         raise MidiError(label, f"corrupt MIDI: {msg}") from None
 
 
-def _tick_to_seconds(score) -> Callable[[np.ndarray], np.ndarray]:
-    """A float64 tick -> seconds map from the score's tempo changes (symusic keeps float32)."""
+def _tick_to_time(score) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """An exact tick -> time map from the score's tempo changes, and its units per second.
+
+    A tick in a tempo segment lasts mspq / (1e6 * tpq) seconds, so in units of
+    1 / (1e6 * tpq) seconds every time is the integer sum of ticks * mspq over the segments
+    before it: no rounding anywhere (symusic keeps tempos as float32, seconds as float32).
+    int64 holds it: ticks are int32 (an onset plus a duration < 2**32) and a MIDI tempo is a
+    3-byte field (mspq < 2**24), so a time is below 2**56 units.
+    """
     tpq = int(score.ticks_per_quarter)
     if tpq <= 0:
         raise MidiError(None, f"invalid ticks per quarter note: {tpq}")
     tempos = score.tempos.numpy()
     t_tick = tempos["time"].astype(np.int64)
-    mspq = tempos["mspq"].astype(np.float64)
+    mspq = tempos["mspq"].astype(np.int64)
     if len(t_tick):
         order = np.argsort(t_tick, kind="stable")
         t_tick, mspq = t_tick[order], mspq[order]
         # Of several tempo events on one tick the last one holds.
         last = np.append(t_tick[1:] != t_tick[:-1], True)
         t_tick, mspq = t_tick[last], mspq[last]
-        mspq = np.where(mspq > 0, mspq, 500_000.0)
+        mspq = np.where(mspq > 0, mspq, 500_000)
+        if mspq.max() >= 2**24:
+            raise MidiError(None, f"invalid tempo: {int(mspq.max())} microseconds per quarter note")
     if len(t_tick) == 0 or t_tick[0] > 0:
         t_tick = np.insert(t_tick, 0, 0)
-        mspq = np.insert(mspq, 0, 500_000.0)
-    sec_per_tick = mspq / 1e6 / tpq
-    seg_start = np.concatenate([[0.0], np.cumsum(np.diff(t_tick) * sec_per_tick[:-1])])
+        mspq = np.insert(mspq, 0, 500_000)
+    seg_start = np.concatenate([[0], np.cumsum(np.diff(t_tick) * mspq[:-1])]).astype(np.int64)
 
     def convert(ticks: np.ndarray) -> np.ndarray:
         ticks = np.asarray(ticks, dtype=np.int64)
         k = np.searchsorted(t_tick, ticks, side="right") - 1
-        return seg_start[k] + (ticks - t_tick[k]) * sec_per_tick[k]
+        return seg_start[k] + (ticks - t_tick[k]) * mspq[k]
 
-    return convert
+    return convert, 1_000_000 * tpq
+
+
+def _tick_to_seconds(score) -> Callable[[np.ndarray], np.ndarray]:
+    """The tick -> seconds map as float64, for plotting, rendering and comparisons."""
+    convert, units = _tick_to_time(score)
+    return lambda ticks: convert(ticks) / units
+
+
+def _never(dtype: np.dtype):
+    """A time later than any real one, of the times' own dtype (exact integers stay integers)."""
+    return np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else np.inf
 
 
 def apply_sustain(notes: Notes, pedal_time: np.ndarray, pedal_down: np.ndarray, final_time: float) -> Notes:
@@ -234,60 +254,83 @@ def apply_sustain(notes: Notes, pedal_time: np.ndarray, pedal_down: np.ndarray, 
     cutting = np.append(np.flatnonzero(pedal_is_down(start_s)), n)  # onsets under the pedal; sentinel
     nxt = cutting[np.searchsorted(cutting, np.arange(n), side="right")]  # next one after each note
     pitch_ext = np.append(pitch_s, -1)
-    start_ext = np.append(start_s, np.inf)
-    cut_at = np.empty(n)
-    cut_at[by_pitch] = np.where(pitch_ext[nxt] == pitch_s, start_ext[nxt], np.inf)
+    never = _never(notes.start.dtype)
+    start_ext = np.append(start_s, never)
+    cut_at = np.empty(n, start_s.dtype)
+    cut_at[by_pitch] = np.where(pitch_ext[nxt] == pitch_s, start_ext[nxt], never)
     cut = cut_at <= natural_end
     end = np.where(cut, cut_at, natural_end)
     keep = ~(cut & (end == notes.start))
     return Notes(notes.start[keep], end[keep], notes.pitch[keep], notes.velocity[keep])
 
 
-def score_to_notes(score, source: str | None = None) -> Notes:
-    """All non-drum notes of a symusic Score (in ticks), in seconds, sustain applied per track."""
+def score_time_notes(score, source: str | None = None) -> tuple[Notes, int]:
+    """All non-drum notes of a symusic Score (in ticks), sustain applied per track, with their
+    exact times as integers (see `_tick_to_time`), and how many of those units make a second."""
     try:
-        to_sec = _tick_to_seconds(score)
+        to_time, units = _tick_to_time(score)
     except MidiError as e:
         raise MidiError(source, e.reason) from None
     per_track = []
     # Notes held by the pedal at the end end at the last note or pedal event of ANY track,
     # drums and note-less tracks included, as in note_seq.
-    last_event = 0.0
+    last_event = 0
     for track in score.tracks:
         nt = track.notes.numpy()
         on_tick = nt["time"].astype(np.int64)
-        start = to_sec(on_tick)
-        end = to_sec(on_tick + np.maximum(nt["duration"].astype(np.int64), 0))
+        start = to_time(on_tick)
+        end = to_time(on_tick + np.maximum(nt["duration"].astype(np.int64), 0))
         cc = track.controls.numpy()
         is_sustain = cc["number"] == 64
-        pedal_time = to_sec(cc["time"][is_sustain].astype(np.int64))
+        pedal_time = to_time(cc["time"][is_sustain].astype(np.int64))
         pedal_down = cc["value"][is_sustain] >= 64
-        last_event = max(last_event, float(end.max(initial=0.0)), float(pedal_time.max(initial=0.0)))
+        last_event = max(last_event, int(end.max(initial=0)), int(pedal_time.max(initial=0)))
         if track.is_drum or len(start) == 0:
             continue
         notes = Notes(start, end, nt["pitch"].astype(np.int16), nt["velocity"].astype(np.int16))
         per_track.append((notes, pedal_time, pedal_down))
     if not per_track:
-        return Notes.empty()
+        return Notes.empty(np.int64), units
     parts = [apply_sustain(n, pt, pd, last_event) for n, pt, pd in per_track]
     merged = Notes(
         *(np.concatenate([getattr(p, f) for p in parts]) for f in ("start", "end", "pitch", "velocity"))
     )
     valid = (merged.pitch >= 0) & (merged.pitch < NUM_PITCHES) & (merged.velocity > 0)
-    return merged.take(np.flatnonzero(valid))
+    return merged.take(np.flatnonzero(valid)), units
 
 
-def quantize(notes: Notes, steps_per_second: int) -> Notes:
-    """Seconds -> integer steps: floor(t * steps + 0.5); a note never ends on its start step.
+def score_to_notes(score, source: str | None = None) -> Notes:
+    """All non-drum notes of a symusic Score (in ticks), in seconds, sustain applied per track."""
+    notes, units = score_time_notes(score, source)
+    return Notes(notes.start / units, notes.end / units, notes.pitch, notes.velocity)
 
-    The result is in encoding order, (start seconds, pitch), which the steps alone cannot
-    recover once two onsets share a step.
+
+def quantize(notes: Notes, steps_per_second: int, units_per_second: int | None = None) -> Notes:
+    """Times -> integer steps: floor(t * steps + 1/2); a note never ends on its start step.
+
+    With `units_per_second`, times are exact integers in those units (`score_time_notes`) and
+    the rounding is exact integer arithmetic, so a time exactly on a half step always rounds
+    up; without it they are float seconds. The result is in encoding order, (start time,
+    pitch), which the steps alone cannot recover once two onsets share a step.
     """
     notes = notes.take(np.lexsort((notes.pitch, notes.start)))
-    start = np.floor(notes.start * steps_per_second + 0.5).astype(np.int64)
-    end = np.floor(notes.end * steps_per_second + 0.5).astype(np.int64)
+    if units_per_second is None:
+        start = np.floor(notes.start * steps_per_second + 0.5).astype(np.int64)
+        end = np.floor(notes.end * steps_per_second + 0.5).astype(np.int64)
+    else:
+        start = _round_to_steps(notes.start, steps_per_second, units_per_second)
+        end = _round_to_steps(notes.end, steps_per_second, units_per_second)
     end = np.maximum(end, start + 1)
     return Notes(start, end, notes.pitch, notes.velocity)
+
+
+def _round_to_steps(time: np.ndarray, steps_per_second: int, units_per_second: int) -> np.ndarray:
+    """floor(time * steps / units + 1/2) for integer times, exactly and without overflow: whole
+    seconds first, then the remainder (< units, itself < 2**35), so no product nears 2**63."""
+    seconds, rest = np.divmod(np.asarray(time, np.int64), units_per_second)
+    return seconds * steps_per_second + (2 * rest * steps_per_second + units_per_second) // (
+        2 * units_per_second
+    )
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -316,12 +359,12 @@ class PerformanceTokenizer:
         """Read MIDI and return its quantised, sustained notes in steps."""
         label = name if name is not None else (None if isinstance(source, bytes) else str(source))
         score = load_score(source, label)
-        notes = score_to_notes(score, label)
+        notes, units = score_time_notes(score, label)
         # Refuse absurd lengths before anything proportional to them is allocated.
-        last = float(notes.end.max()) if len(notes) else 0.0
+        last = int(notes.end.max()) / units if len(notes) else 0.0
         if last > self.cfg.max_seconds:
             raise MidiError(label, f"absurd length: {last / 3600:.1f} hours (limit tokenizer.max_seconds)")
-        return quantize(notes, self.cfg.steps_per_second)
+        return quantize(notes, self.cfg.steps_per_second, units)
 
     def encode_notes(self, notes: Notes) -> np.ndarray:
         """Quantised notes (steps) -> event ids (no BOS/EOS), uint16.
