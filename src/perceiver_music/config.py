@@ -19,6 +19,12 @@ import yaml
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 T = TypeVar("T")

@@ -649,9 +649,9 @@ def render_files(
     jobs, missing = _jobs(paths)
     report = RenderReport(failed=missing)
     if progress:
-        from tqdm import tqdm
+        from perceiver_music.progress import progress_bar
 
-        jobs = tqdm(jobs, desc="render", unit="file")
+        jobs = progress_bar(jobs, desc="render", unit="file")
     for midi, rel, stem in jobs:
         target = out_dir / stem
         try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from perceiver_music.generate_settings import check_sampling
 from perceiver_music.model.base import TokenModel, autocast
 from perceiver_music.tokens.performance import BOS, EOS, PAD
 
@@ -39,14 +40,7 @@ class SamplingConfig:
     min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * max p
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
