@@ -301,6 +301,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             loudness=loudness,
             boundary=args.boundary,
             progress=not args.quiet,
+            **({} if args.max_seconds is None else {"max_seconds": args.max_seconds}),
         )
     except (RenderError, ValueError) as e:
         return _fail(str(e))
@@ -311,7 +312,19 @@ def cmd_render(args: argparse.Namespace) -> int:
             print(f"{path}: {level.loudness:.1f} LUFS (held below the -1 dBFS peak ceiling)", file=sys.stderr)
     for path, reason in report.failed:
         print(f"{path}: {reason}", file=sys.stderr)
-    return 1 if report.failed and not report.written else 0
+    if not report.written:
+        return _fail("nothing was rendered", 1)
+    return 0
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sample-rate", type=int, default=44100)
     p.add_argument("--loudness", default="-16", help="target loudness in LUFS, or off (default -16)")
+    p.add_argument(
+        "--max-seconds",
+        type=_positive_seconds,
+        metavar="S",
+        help="refuse files whose music lasts longer than S seconds (default 3600: one hour)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_render)
     return parser

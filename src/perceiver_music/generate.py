@@ -211,8 +211,11 @@ def _render(
     """Piano rolls (the prompt's end marked) and, when FluidSynth can, audio next to each MIDI."""
     from perceiver_music import render
 
+    # No length limit: these pieces are as long as they were asked to be.
     written = [
-        render.piano_roll(path, path.with_suffix(".png"), boundary=prompt_end, title=path.name)
+        render.piano_roll(
+            path, path.with_suffix(".png"), boundary=prompt_end, title=path.name, max_seconds=None
+        )
         for path in files
     ]
     if audio_format is None:
@@ -220,7 +223,9 @@ def _render(
     try:
         for path in files:
             written.append(
-                render.render_audio(path, path.with_suffix(f".{audio_format}"), soundfont=soundfont)
+                render.render_audio(
+                    path, path.with_suffix(f".{audio_format}"), soundfont=soundfont, max_seconds=None
+                )
             )
     except render.RenderError as e:  # no fluidsynth, soundfont or audio extra: the MIDI and PNG stand
         notes.append(f"no audio written: {e}")
