@@ -90,15 +90,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from perceiver_music.config import load_config
+    from perceiver_music.config import ConfigError, load_config
 
     run_dir = Path(args.out)
     saved = run_dir / "config.json"
     if args.resume and saved.is_file():
+        try:
+            before = load_config(saved)
+        except ConfigError as e:  # name the run's file, whatever part of it is wrong
+            return _fail(str(e) if str(e).startswith(str(saved)) else f"{saved}: {e}")
         # The run's own config, unless the same command is given again; the model and data
         # must not change under a run, the training schedule may (e.g. more steps).
         cfg = load_config(args.config or saved, args.overrides)
-        before = load_config(saved)
         changed = [s for s in ("model", "data", "tokenizer") if getattr(cfg, s) != getattr(before, s)]
         if changed:
             return _fail(
