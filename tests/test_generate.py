@@ -212,7 +212,8 @@ def _sampler(pattern: list[int]):
             for i in range(max_new_tokens):
                 token = pattern[i % len(pattern)]
                 new.append(token)
-                on_token(i + 1)
+                if on_token is not None:
+                    on_token(i + 1)
                 if token == EOS or (stop is not None and bool(stop(torch.tensor([token]))[0])):
                     break
             rows.append(torch.cat([row, torch.tensor(new, dtype=row.dtype)]))
@@ -228,9 +229,9 @@ def test_seconds_gives_the_seconds_asked_for(run_dir, tmp_path, monkeypatch, cap
     dense = [v.parse("NOTE_ON:60"), v.parse("TIME_SHIFT:2"), v.parse("NOTE_OFF:60")]  # 150 tokens/s
     monkeypatch.setattr(gen, "generate", _sampler(dense))
     result = gen.generate_midi(run_dir, tmp_path / "o", seconds=30, progress=False, render=False)
-    assert result.stopped == ["seconds"] and result.warnings == []
     assert 29.9 <= result.seconds[0] <= 30.1, result.seconds
     assert time_steps(TOK.encode(result.midi_files[0])) >= 2990
+    assert result.stopped == ["seconds"] and result.warnings == []
 
 
 def test_the_safety_cap_is_reported_when_it_binds(run_dir, tmp_path, monkeypatch, capsys):
