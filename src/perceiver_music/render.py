@@ -555,14 +555,6 @@ def piano_roll(
     the file name. The image is figure_size(...) * dpi pixels. Written atomically. A piece
     longer than `max_seconds` (None: no limit) is refused with a MidiError.
     """
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.collections import PolyCollection
-    from matplotlib.colors import ListedColormap, Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MultipleLocator
-    from matplotlib.transforms import blended_transform_factory
-
     _check_boundary(boundary)
     out_png = Path(out_png)
     score, label = _as_tick_score(midi_or_score)
@@ -572,6 +564,15 @@ def piano_roll(
     rows = hi - lo + 1
     seconds = max(notes[:, 1].max(initial=0.0), pedal[:, 1].max(initial=0.0), boundary or 0.0) or 1.0
     _check_length(seconds, max_seconds, label)
+
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
+    from matplotlib.transforms import blended_transform_factory
+
     width, height = figure_size(seconds, rows)
 
     # A Figure without pyplot: the Agg canvas, no global state, no effect on the caller's backend.

@@ -303,12 +303,14 @@ def _resume(run_dir: Path, model, optimizer, rank: int, world: int) -> tuple[Pat
     """Restore the newest intact checkpoint. Damaged newer ones are named, then renamed
     `*.damaged` (kept, out of the rotation, so no later save replaces or prunes a good one)."""
     damaged = []
-    for ckpt in ckpt_io.training_checkpoints(run_dir):
+    candidates = ckpt_io.training_checkpoints(run_dir)
+    for k, ckpt in enumerate(candidates):
         try:
             trainer = ckpt_io.read_training_state(ckpt, model, optimizer, rank)
         except ckpt_io.CheckpointError as e:
             if rank == 0:
-                print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr)
+                then = "; trying the checkpoint before it" if k + 1 < len(candidates) else ""
+                print(f"warning: {e}{then}", file=sys.stderr)
             damaged.append(ckpt)
             continue
         if world > 1:
