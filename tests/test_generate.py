@@ -12,7 +12,7 @@ from perceiver_music import checkpoint
 from perceiver_music.cli import main
 from perceiver_music.generate import prompt_tokens
 from perceiver_music.render import rendering_available
-from perceiver_music.tokens.performance import BOS, PerformanceTokenizer
+from perceiver_music.tokens.performance import BOS, EOS, PerformanceTokenizer
 
 from conftest import write_midi
 
@@ -221,3 +221,96 @@ def test_without_ckpt_the_bundled_model_is_used(run_dir, tmp_path, monkeypatch, 
     assert main(["generate", "--out", str(out), "--tokens", "30", "--quiet", "--no-render"]) == 0
     assert json.loads((out / "generate.json").read_text())["checkpoint"] == "bundled"
     TOK.encode(out / "sample_00.mid")
+
+
+def _sampler(pattern: list[int]):
+    """A stand-in for sample.generate that writes `pattern` over and over, honouring the length,
+    the stop rule and the progress callback as the real one does: generate_midi's own logic
+    (length in seconds, the safety cap, the report) is what is tested."""
+    import torch
+
+    def fake(model, batch, max_new_tokens, sampling, *, on_token, stop, **kw):
+        rows = []
+        for row in batch:
+            new = []
+            for i in range(max_new_tokens):
+                token = pattern[i % len(pattern)]
+                new.append(token)
+                if on_token is not None:
+                    on_token(i + 1)
+                if token == EOS or (stop is not None and bool(stop(torch.tensor([token]))[0])):
+                    break
+            rows.append(torch.cat([row, torch.tensor(new, dtype=row.dtype)]))
+        return rows
+
+    return fake
+
+
+def test_seconds_gives_the_seconds_asked_for(run_dir, tmp_path, monkeypatch, capsys):
+    from perceiver_music import generate as gen
+
+    v = TOK.vocab
+    dense = [v.parse("NOTE_ON:60"), v.parse("TIME_SHIFT:2"), v.parse("NOTE_OFF:60")]  # 150 tokens/s
+    monkeypatch.setattr(gen, "generate", _sampler(dense))
+    result = gen.generate_midi(run_dir, tmp_path / "o", seconds=30, progress=False, render=False)
+    assert 29.9 <= result.seconds[0] <= 30.1, result.seconds
+    assert time_steps(TOK.encode(result.midi_files[0])) >= 2990
+    assert result.stopped == ["seconds"] and result.warnings == []
+
+
+def test_the_safety_cap_is_reported_when_it_binds(run_dir, tmp_path, monkeypatch, capsys):
+    from perceiver_music import generate as gen
+    from perceiver_music.generate_settings import token_cap
+
+    stuck = [TOK.vocab.parse("VELOCITY:20"), TOK.vocab.parse("NOTE_ON:60")]  # time never moves
+    monkeypatch.setattr(gen, "generate", _sampler(stuck))
+    out = tmp_path / "o"
+    assert main(["generate", "--ckpt", str(run_dir), "--out", str(out), "--seconds", "2", "--no-render"]) == 0
+    captured = capsys.readouterr()
+    assert f"sample_00.mid: cut at the safety cap of {token_cap(2):,} tokens after 0.0 s" in captured.err
+    assert "(cut at the safety cap)" in captured.out
+    saved = json.loads((out / "generate.json").read_text())
+    assert saved["stopped"] == ["tokens"] and "safety cap" in saved["notes"][-1]
+    # The progress bar, on a log rather than a terminal: plain lines, the last one complete.
+    bar = [line for line in captured.err.splitlines() if line.startswith("generate")]
+    assert bar and "\r" not in captured.err and f"{token_cap(2)}tok" in bar[-1].replace(" ", "")
+
+
+def test_a_bar_that_stops_early_reads_complete(run_dir, tmp_path, monkeypatch, capsys):
+    from perceiver_music import generate as gen
+
+    monkeypatch.setattr(gen, "generate", _sampler([TOK.vocab.parse("NOTE_ON:60")] * 46 + [EOS]))
+    result = gen.generate_midi(run_dir, tmp_path / "o", tokens=100, progress=True, render=False)
+    assert result.stopped == ["eos"] and result.generated_tokens == [47]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "100%" in last and "47/47" in last, last
+
+
+def test_every_setting_is_checked_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    cases = [
+        (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+        (["--temperature", "nan"], "temperature must be >= 0 and finite, got nan"),
+        (["--min-p", "1"], "min_p must be in [0, 1), got 1.0"),
+        (["--seconds", "inf"], "--seconds must be positive, got inf"),
+        (["--seconds", "1e9"], "--seconds must be at most"),
+        (["--tokens", "0"], "--tokens must be at least 1, got 0"),
+        (["--refill", "0"], "--refill must be at least 1, got 0"),
+        (["--prompt-seconds", "-1"], "--prompt-seconds must be positive, got -1.0"),
+    ]
+    code = (
+        "import sys; from perceiver_music.cli import main; "
+        f"rc = main(['generate', '--out', {str(tmp_path / 'o')!r}, *sys.argv[1:]]); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    for args, message in cases:
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert out.stdout.split() == ["2", "False"], (args, out.stdout, out.stderr)
+        assert message in out.stderr, (args, out.stderr)
+
+
+def test_refill_beyond_the_latents_is_one_line(run_dir, tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(run_dir), "--out", str(tmp_path / "o"), "--refill", "999"]) == 2
+    assert "--refill must be at most the model's num_latents (16), got 999" in capsys.readouterr().err

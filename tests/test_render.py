@@ -303,7 +303,9 @@ def test_fluidsynth_failure_names_the_file_and_its_message(tmp_path, monkeypatch
     for flag in ("-ni", "-F", "-T", "-g"):
         assert flag in argv
     assert argv[argv.index("-r") + 1] == "22050" and argv[argv.index("-T") + 1] == "wav"
-    assert argv[-3:-1] == [str(fake_soundfont.resolve()), str(a4.resolve())]
+    # The soundfont, then the MIDI as fluidsynth plays it: a copy cut after the music, in the work dir.
+    assert argv[-3] == str(fake_soundfont.resolve())
+    assert Path(argv[-2]).is_absolute() and Path(argv[-2]).name == "a4.mid" and argv[-2] != str(a4.resolve())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # work dir removed
 
 
@@ -418,3 +420,118 @@ def test_render_files_needs_something_to_do(tmp_path, a4):
     with pytest.raises(RenderError, match="wav or .flac"):
         render_files([a4], tmp_path / "out", audio_format="mp3")
     assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- absurd lengths
+
+
+SLOWEST = 16_777_215  # microseconds per quarter: the largest tempo a MIDI file can hold
+LATE = 8_003_000  # ticks, at 480 per quarter and the slowest tempo: 77.7 hours
+HOURS_77 = LATE * SLOWEST / 480 / 1e6  # seconds
+
+
+@pytest.fixture
+def absurd(tmp_path) -> Path:
+    """A file whose last note starts 77.7 hours in (a MIDI delta holds at most 2^28 ticks, so
+    the length comes from the slowest tempo)."""
+    notes = [(0, 20, 60, 80), (LATE, LATE + 20, 62, 80)]
+    return write_midi(tmp_path / "absurd.mid", notes=notes, tempos=((0, SLOWEST),))
+
+
+def _never_synthesize(*args, **kwargs):
+    raise AssertionError("fluidsynth must not run")
+
+
+def test_absurd_lengths_are_refused_before_anything_is_drawn_or_synthesised(tmp_path, absurd, monkeypatch):
+    monkeypatch.setattr(render, "_synthesize", _never_synthesize)
+    with pytest.raises(MidiError, match=r"absurd.mid: lasts 77.7 hours, longer than the limit of 1.0 hours"):
+        piano_roll(absurd, tmp_path / "a.png")
+    with pytest.raises(MidiError, match="--max-seconds"):
+        render_audio(
+            absurd, tmp_path / "a.wav", soundfont=find_soundfont() if render.rendering_available() else None
+        )
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "a.wav").exists()
+    # The bound can be raised (or lifted), and the roll of 77.7 hours is drawn.
+    assert piano_roll(absurd, tmp_path / "a.png", max_seconds=None, dpi=20).is_file()
+
+
+def test_a_folder_with_an_absurd_file_still_renders_the_others(tmp_path, absurd, monkeypatch):
+    good = write_midi(tmp_path / "good.mid", notes=[(0, 500, 60, 80)])
+    report = render_files([absurd, good], tmp_path / "out", audio_format=None)
+    assert report.written == [tmp_path / "out" / "good.png"]
+    assert [p for p, _ in report.failed] == [absurd] and "lasts 77.7 hours" in report.failed[0][1]
+    report = render_files([absurd], tmp_path / "out", audio_format=None, max_seconds=HOURS_77 + 10)
+    assert report.written == [tmp_path / "out" / "absurd.png"] and report.failed == []
+
+
+def test_render_of_empty_folders_and_files_without_notes_says_so(tmp_path, capsys):
+    from perceiver_music.cli import main
+
+    (tmp_path / "empty").mkdir()
+    silent = write_midi(tmp_path / "silent.mid", pedals=[(0, 127), (1000, 0)])
+    out = str(tmp_path / "out")
+    assert main(["render", str(tmp_path / "empty"), "--out", out, "--format", "none", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: no .mid or .midi files in this folder" in err
+    assert "nothing was rendered" in err
+    assert main(["render", str(silent), "--out", out, "--format", "none", "--quiet"]) == 1
+    assert f"{silent}: no notes: nothing to render" in capsys.readouterr().err
+    good = write_midi(tmp_path / "good.mid", notes=[(0, 500, 60, 80)])
+    assert main(["render", str(silent), str(good), "--out", out, "--format", "none", "--quiet"]) == 0
+    assert "no notes" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(out).iterdir()) == ["good.png"]
+
+
+def test_render_max_seconds_on_the_command_line(tmp_path, absurd, capsys):
+    from perceiver_music.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["render", str(absurd), "--out", out, "--format", "none", "--quiet"]) == 1
+    assert "lasts 77.7 hours" in capsys.readouterr().err
+    assert (
+        main(["render", str(absurd), "--out", out, "--format", "none", "--quiet", "--max-seconds", "3e5"])
+        == 0
+    )
+    with pytest.raises(SystemExit):
+        main(["render", str(absurd), "--out", out, "--max-seconds", "-1"])
+    assert "must be a positive number of seconds" in capsys.readouterr().err
+
+
+@needs_audio_extra
+@needs_fluidsynth
+def test_events_long_after_the_music_are_not_synthesised(tmp_path, monkeypatch):
+    """A controller 10 minutes after a 1 s piece: fluidsynth renders seconds, not 10 minutes."""
+    from symusic import ControlChange
+
+    midi = write_midi(tmp_path / "late.mid", notes=[(0, 1000, 69, 100)])
+    score = load_score(midi)
+    score.tracks[0].controls.append(ControlChange(600_000, 7, 100))
+    score.dump_midi(str(midi))
+    synthesized = []
+    real = render._synthesize
+
+    def measured(*args, **kwargs):
+        samples = real(*args, **kwargs)
+        synthesized.append(len(samples) / 16000)
+        return samples
+
+    monkeypatch.setattr(render, "_synthesize", measured)
+    render_audio(midi, tmp_path / "late.wav", sample_rate=16000)
+    assert synthesized and synthesized[0] < 1 + 3 + render.FLUIDSYNTH_PAD_SECONDS, synthesized
+
+
+def test_a_render_that_cannot_fit_on_the_disk_is_refused(tmp_path, a4, monkeypatch, fake_soundfont):
+    monkeypatch.setattr(render, "_fluidsynth", lambda: "/bin/false")
+    monkeypatch.setattr(render, "_require_audio_packages", lambda need_scipy: None)
+    monkeypatch.setattr(render, "_synthesize", _never_synthesize)
+    monkeypatch.setattr(render.shutil, "disk_usage", lambda path: shutil_usage(free=1_000_000))
+    with pytest.raises(
+        RenderError, match=r"a4.mid needs about 0.00 GB of temporary space .* 0.00 GB are free"
+    ):
+        render_audio(a4, tmp_path / "a4.wav", soundfont=fake_soundfont)
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free, used=0, free=free)

@@ -161,7 +161,7 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path):
         "data.stretch=0.05",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    done = subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -241,7 +241,7 @@ def test_two_processes_with_gloo_match_one(data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) takes the same first step as one process with both batches."""
     common = ONE_STEP
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
+    done = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -264,7 +264,10 @@ def test_two_processes_with_gloo_match_one(data_dir, tmp_path):
         ],
         check=True,
         env=env,
+        capture_output=True,
+        text=True,
     )
+    assert done.stdout.count("trained to step 1") == 1, done.stdout  # rank 0 speaks for both
     train(load_config("debug", [*common, "train.batch_size=4"]), data_dir, tmp_path / "one", progress=False)
     ma, _ = load_model(tmp_path / "ddp" / "checkpoints" / "step_0000001")
     mb, _ = load_model(tmp_path / "one" / "checkpoints" / "step_0000001")

@@ -12,24 +12,102 @@ so a run killed at any moment leaves either the previous checkpoint or the new o
 
 `load_model` reads the weights and config of such a folder, or of a run folder (its best
 checkpoint, else its latest).
+
+Every safetensors file written here carries a CRC-32 of its tensors in its metadata, so a file
+damaged after it was written (cut short, a flipped bit) is refused with its name, as are
+weights holding NaN or Inf and weights that do not fit their config (CheckpointError). Files
+without a checksum (written before it was added) are still read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-from perceiver_music.config import Config, from_dict
-from perceiver_music.files import save_tensors
+from perceiver_music.config import Config, ConfigError, from_dict
+from perceiver_music.files import default_mode
 
 STEP_PREFIX = "step_"
+STEP_DIR = re.compile(rf"{STEP_PREFIX}\d+")  # published checkpoints (not .tmp, not .damaged)
 BUNDLED = Path(__file__).resolve().parent / "bundled"  # the default model: weights, config, card
+CHECKSUM_KEY = "crc32"  # safetensors metadata: CRC-32 of every tensor's name and bytes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong."""
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(tensors[name].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={CHECKSUM_KEY: _checksum(tensors)})
+    os.chmod(path, default_mode())  # save_file creates 0600; outputs follow the umask
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on the CPU, checked: readable, its checksum (when it
+    has one) intact, every floating-point value finite."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path}: damaged or truncated, not a readable safetensors file ({e})"
+        ) from None
+    if expected is not None and _checksum(tensors) != expected:
+        raise CheckpointError(
+            f"{path}: damaged (its checksum does not match: the file changed after it was written)"
+        )
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, path: Path, config_path: Path) -> None:
+    """Load a model.safetensors into `model` (built from config_path), or say how they differ."""
+    tensors = load_tensors(path)
+    _check_fit(model, tensors, path, config_path)
+    model.load_state_dict(tensors)
+
+
+def _check_fit(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path, config_path: Path
+) -> None:
+    expected = model.state_dict()
+    problems = [
+        f"{name} is {list(tensors[name].shape)} in the file but {list(want.shape)} by the config"
+        for name, want in expected.items()
+        if name in tensors and tensors[name].shape != want.shape
+    ]
+    if missing := sorted(set(expected) - set(tensors)):
+        problems.append(f"{len(missing)} tensor(s) the config needs are missing (e.g. {missing[0]})")
+    if unknown := sorted(set(tensors) - set(expected)):
+        problems.append(f"{len(unknown)} tensor(s) the config has no place for (e.g. {unknown[0]})")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match {config_path} (other width, layers or vocabulary?): "
+            f"{problems[0]}" + (f", and {len(problems) - 1} more differences" if len(problems) > 1 else "")
+        )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -84,7 +162,7 @@ def staging_dir(ckpt_root: Path, step: int) -> Path:
 
 
 def write_rng(staging: Path, rank: int) -> None:
-    save_tensors(rng_state(), str(staging / f"rng_rank{rank}.safetensors"))
+    save_tensors(rng_state(), staging / f"rng_rank{rank}.safetensors")
 
 
 def write_checkpoint(
@@ -95,12 +173,9 @@ def write_checkpoint(
     config: Config,
 ) -> None:
     """Write model, optimizer and trainer state into the staging folder (rank 0 only)."""
-    save_tensors(
-        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-        str(staging / "model.safetensors"),
-    )
+    save_tensors(model.state_dict(), staging / "model.safetensors")
     tensors, rest = _flatten_optimizer(optimizer.state_dict())
-    save_tensors(tensors, str(staging / "optimizer.safetensors"))
+    save_tensors(tensors, staging / "optimizer.safetensors")
     _write_json(staging / "trainer.json", {**trainer, "optimizer": rest})
     _write_json(staging / "config.json", config_dict(config))
 
@@ -111,9 +186,7 @@ def publish(staging: Path, keep_last: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    steps = sorted(
-        p for p in final.parent.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")
-    )
+    steps = _step_dirs(final.parent)
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -125,10 +198,7 @@ def save_best(run_dir: Path, model: torch.nn.Module, config: Config, info: dict)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_tensors(
-        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-        str(tmp / "model.safetensors"),
-    )
+    save_tensors(model.state_dict(), tmp / "model.safetensors")
     _write_json(tmp / "config.json", config_dict(config))
     _write_json(tmp / "info.json", info)
     final = run_dir / "best"
@@ -137,25 +207,59 @@ def save_best(run_dir: Path, model: torch.nn.Module, config: Config, info: dict)
     os.replace(tmp, final)
 
 
+def _step_dirs(root: Path) -> list[Path]:
+    """Published checkpoint folders under root, oldest first."""
+    return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if STEP_DIR.fullmatch(p.name) and p.is_dir())
+
+
+def training_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's training checkpoints, newest first."""
+    return [p for p in _step_dirs(run_dir / "checkpoints") if (p / "trainer.json").is_file()][::-1]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = sorted(
-        p
-        for p in (run_dir / "checkpoints").glob(f"{STEP_PREFIX}*")
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer.json").is_file()
-    )
-    return steps[-1] if steps else None
+    steps = training_checkpoints(run_dir)
+    return steps[0] if steps else None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the rotation (never deleted: it may still be read)."""
+    target, k = ckpt.with_name(f"{ckpt.name}.damaged"), 1
+    while target.exists():
+        k += 1
+        target = ckpt.with_name(f"{ckpt.name}.damaged{k}")
+    os.replace(ckpt, target)
+    return target
 
 
 def read_training_state(ckpt: Path, model, optimizer, rank: int) -> dict:
-    """Restore model, optimizer and this process's RNG; return trainer.json."""
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    trainer = json.loads((ckpt / "trainer.json").read_text())
-    optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), trainer["optimizer"])
-    )
+    """Restore model, optimizer and this process's RNG; return trainer.json.
+
+    Every file is read and checked before anything is restored (CheckpointError: which file,
+    what is wrong); the caller may then try an older checkpoint, which restores everything.
+    """
+    trainer_file = ckpt / "trainer.json"
+    try:
+        trainer = json.loads(trainer_file.read_text())
+        step, optimizer_rest = int(trainer["step"]), trainer["optimizer"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{trainer_file}: damaged ({type(e).__name__}: {e})") from None
+    if step < 0:
+        raise CheckpointError(f"{trainer_file}: damaged (step {step})")
+    weights_file = ckpt / "model.safetensors"
+    weights = load_tensors(weights_file)
+    _check_fit(model, weights, weights_file, ckpt / "config.json")
+    optimizer_file = ckpt / "optimizer.safetensors"
+    optimizer_tensors = load_tensors(optimizer_file)
     rng_file = ckpt / f"rng_rank{rank}.safetensors"
-    if rng_file.is_file():
-        set_rng_state(load_file(str(rng_file)))
+    rng = load_tensors(rng_file) if rng_file.is_file() else None
+    model.load_state_dict(weights)
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, optimizer_rest))
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{optimizer_file} does not fit the model: {e}") from None
+    if rng is not None:
+        set_rng_state(rng)
     return trainer
 
 
@@ -166,7 +270,17 @@ def config_dict(config: Config) -> dict:
 
 
 def read_config(path: Path) -> Config:
-    return from_dict(Config, json.loads(path.read_text()))
+    """A checkpoint's config.json, or a CheckpointError naming it."""
+    try:
+        return from_dict(Config, json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a valid configuration ({e})") from None
 
 
 def bundled() -> Path:
@@ -205,5 +319,5 @@ def load_model(path: str | os.PathLike | None, device: str | torch.device = "cpu
     ckpt = resolve(path)
     config = read_config(ckpt / "config.json")
     model = build_model(config.model)
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+    load_weights(model, ckpt / "model.safetensors", ckpt / "config.json")
     return model.to(device).eval(), config

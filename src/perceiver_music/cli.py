@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,15 +95,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from perceiver_music.config import load_config
+    from perceiver_music.config import ConfigError, load_config
 
     run_dir = Path(args.out)
     saved = run_dir / "config.json"
     if args.resume and saved.is_file():
+        try:
+            before = load_config(saved)
+        except ConfigError as e:  # name the run's file, whatever part of it is wrong
+            return _fail(str(e) if str(e).startswith(str(saved)) else f"{saved}: {e}")
         # The run's own config, unless the same command is given again; the model and data
         # must not change under a run, the training schedule may (e.g. more steps).
         cfg = load_config(args.config or saved, args.overrides)
-        before = load_config(saved)
         changed = [s for s in ("model", "data", "tokenizer") if getattr(cfg, s) != getattr(before, s)]
         if changed:
             return _fail(
@@ -117,9 +121,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(
             f"{args.data}: not a prepared data folder (no meta.json); run `perceiver-music prepare` first"
         )
+    from perceiver_music.checkpoint import CheckpointError
     from perceiver_music.train import train
 
-    result = train(cfg, args.data, run_dir, resume=args.resume, progress=not args.quiet)
+    try:
+        result = train(cfg, args.data, run_dir, resume=args.resume, progress=not args.quiet)
+    except CheckpointError as e:
+        return _fail(str(e))
+    if os.environ.get("RANK", "0") != "0" or result.already_finished:
+        return 0  # under torchrun rank 0 speaks for all; a finished run has said so
     best = (
         f", best validation NLL {result.best_val_nll:.4f} nats/token"
         if result.best_val_nll is not None
@@ -137,36 +147,44 @@ def _pitch_range(text: str) -> tuple[int, int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from perceiver_music.sample import SamplingConfig
+    from perceiver_music.generate_settings import check_generate
 
-    # Every setting is checked before the model is loaded.
+    # Every setting is checked before torch and the model load.
     try:
-        sampling = SamplingConfig(
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.min_p,
-            keyboard=not args.no_keyboard_mask,
+        check_generate(
+            num=args.num,
+            tokens=args.tokens,
+            seconds=args.seconds,
+            prompt_tokens_last=args.prompt_tokens,
+            prompt_seconds_last=args.prompt_seconds,
+            refill=args.refill,
+            precision=args.precision,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
             pitch_range=_pitch_range(args.pitch_range),
         )
     except ValueError as e:
         return _fail(str(e))
-    for name in ("num", "tokens", "prompt_tokens", "refill"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return _fail(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("seconds", "prompt_seconds"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            return _fail(f"--{name.replace('_', '-')} must be positive")
     if args.prompt is not None and not Path(args.prompt).is_file():
         return _fail(f"{args.prompt}: no such prompt file")
     if (args.prompt_tokens or args.prompt_seconds) and args.prompt is None:
         return _fail("--prompt-tokens / --prompt-seconds need --prompt FILE.mid")
 
+    from perceiver_music.checkpoint import CheckpointError
     from perceiver_music.generate import generate_midi
+    from perceiver_music.sample import SamplingConfig
     from perceiver_music.tokens.performance import MidiError
 
+    sampling = SamplingConfig(
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.min_p,
+        keyboard=not args.no_keyboard_mask,
+        pitch_range=_pitch_range(args.pitch_range),
+    )
     device = args.device
     if device == "auto":
         import torch
@@ -193,14 +211,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             audio_format=_audio_format(args),
             soundfont=args.soundfont,
         )
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         return _fail(str(e))
     except MidiError as e:
         return _fail(f"prompt {e}")
+    except ValueError as e:  # a setting that depends on the model, such as --refill
+        return _fail(str(e))
     for note in result.notes:
         print(note)
-    for path, n, secs in zip(result.midi_files, result.generated_tokens, result.seconds):
-        print(f"{path}: {n} new tokens, {secs:.1f} s of music")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    ended = {"eos": "stopped at EOS", "seconds": f"reached --seconds {args.seconds or 0:g}"}
+    ended["tokens"] = "reached --tokens" if args.seconds is None else "cut at the safety cap"
+    for path, n, secs, why in zip(result.midi_files, result.generated_tokens, result.seconds, result.stopped):
+        print(f"{path}: {n} new tokens, {secs:.1f} s of music ({ended[why]})")
     for path in result.rendered:
         print(f"{path}")
     print(
@@ -312,6 +336,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             loudness=loudness,
             boundary=args.boundary,
             progress=not args.quiet,
+            **({} if args.max_seconds is None else {"max_seconds": args.max_seconds}),
         )
     except (RenderError, ValueError) as e:
         return _fail(str(e))
@@ -322,7 +347,19 @@ def cmd_render(args: argparse.Namespace) -> int:
             print(f"{path}: {level.loudness:.1f} LUFS (held below the -1 dBFS peak ceiling)", file=sys.stderr)
     for path, reason in report.failed:
         print(f"{path}: {reason}", file=sys.stderr)
-    return 1 if report.failed and not report.written else 0
+    if not report.written:
+        return _fail("nothing was rendered", 1)
+    return 0
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,7 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=1, help="samples, generated as one batch (default 1)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--tokens", type=int, help="tokens to generate (default 1024)")
-    length.add_argument("--seconds", type=float, help="seconds of music to generate")
+    length.add_argument(
+        "--seconds",
+        type=float,
+        help="seconds of music to generate (each piece stops once its continuation lasts S s, at EOS, "
+        "or at a safety cap of 250 tokens a second, reported)",
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
@@ -503,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sample-rate", type=int, default=44100)
     p.add_argument("--loudness", default="-16", help="target loudness in LUFS, or off (default -16)")
+    p.add_argument(
+        "--max-seconds",
+        type=_positive_seconds,
+        metavar="S",
+        help="refuse files whose music lasts longer than S seconds (default 3600: one hour)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_render)
     return parser

@@ -19,6 +19,12 @@ import yaml
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 T = TypeVar("T")
@@ -300,6 +306,8 @@ def load_config(
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        except UnicodeDecodeError as e:  # e.g. a damaged run's config.json
+            raise ConfigError(f"{path}: not a text file ({e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded

@@ -2,7 +2,8 @@
 of any other program's files, 0666 less the user's umask.
 
 Temporary files from `tempfile.mkstemp` are 0600, and safetensors' `save_file` writes 0600
-too; renamed into place they would leave outputs unreadable to anyone else sharing a folder.
+too (checkpoint.save_tensors sets `default_mode()` after it); renamed into place they would
+leave outputs unreadable to anyone else sharing a folder.
 """
 
 from __future__ import annotations
@@ -59,11 +60,3 @@ def atomic_save_npy(path: Path, array) -> None:
     import numpy as np
 
     _atomic_write(path, "wb", lambda f: np.save(f, array))
-
-
-def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
-    """safetensors' save_file, with the file's mode set as for any other new file."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path))
-    os.chmod(path, default_mode())

@@ -20,7 +20,8 @@ import torch
 
 from perceiver_music.checkpoint import load_model
 from perceiver_music.evaluate.validity import TOKENS_SUFFIX
-from perceiver_music.model.base import check_precision
+from perceiver_music.generate_settings import check_generate, token_cap
+from perceiver_music.progress import progress_bar
 from perceiver_music.sample import SamplingConfig, generate
 from perceiver_music.tokens.performance import BOS, EOS, MidiError, PerformanceTokenizer
 
@@ -34,6 +35,8 @@ class GenerateResult:
     seconds: list[float]  # length of each piece (prompt included)
     tokens_per_s: float
     notes: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # why each piece ended: "eos", "seconds", "tokens"
+    warnings: list[str] = field(default_factory=list)  # e.g. a piece cut by the safety cap
     rendered: list[Path] = field(default_factory=list)  # PNG and audio files
 
 
@@ -93,7 +96,9 @@ def generate_midi(
 
     ckpt: a run or checkpoint folder; None for the bundled model.
     tokens: how many tokens to generate (default 1024 when neither tokens nor seconds is given);
-    seconds: stop a piece once its continuation lasts this long (tokens then only caps it).
+    seconds: stop a piece once its continuation lasts this long; tokens then only caps it,
+    by default at generate_settings.token_cap(seconds), and a piece cut there is a warning.
+    Each piece's `stopped` says why it ended: "eos", "seconds" or "tokens".
     sampling: temperature, top-k/p, min-p, and the keyboard mask (`SamplingConfig.keyboard`,
     on by default: no NOTE_OFF of a silent pitch, no NOTE_ON of a sounding one).
     precision: "fp32", "bf16" or "auto" (bf16 on GPU, fp32 on CPU); see `sample.generate`.
@@ -101,26 +106,31 @@ def generate_midi(
     its audio; when FluidSynth or a soundfont is missing the audio is skipped and a note says why.
     """
     sampling = sampling or SamplingConfig()
-    if num < 1:
-        raise ValueError("num must be at least 1")
-    if tokens is not None and tokens < 1:
-        raise ValueError("tokens must be at least 1")
-    if seconds is not None and seconds <= 0:
-        raise ValueError("seconds must be positive")
-    check_precision(precision)  # before the model loads
+    check_generate(  # before the model loads
+        num=num,
+        tokens=tokens,
+        seconds=seconds,
+        prompt_tokens_last=prompt_tokens_last,
+        prompt_seconds_last=prompt_seconds_last,
+        refill=refill,
+        precision=precision,
+        audio_format=audio_format if render else None,
+    )  # (SamplingConfig has run the same checks on itself)
     model, cfg = load_model(ckpt, device)
+    if refill is not None and refill > cfg.model.num_latents:
+        raise ValueError(
+            f"--refill must be at most the model's num_latents ({cfg.model.num_latents}), got {refill}"
+        )
     tok = PerformanceTokenizer(cfg.tokenizer)
     ids, notes = prompt_tokens(tok, prompt, cfg.model.max_len, prompt_tokens_last, prompt_seconds_last)
-    if tokens is None:  # a generous cap in seconds mode: ~30 tokens per second of piano
-        tokens = 1024 if seconds is None else int(seconds * 40) + 256
+    capped = tokens is None and seconds is not None  # the safety cap, not a length asked for
+    if tokens is None:
+        tokens = 1024 if seconds is None else token_cap(seconds)
     time_steps = None if seconds is None else int(round(seconds * tok.cfg.steps_per_second))
 
     batch = torch.as_tensor(ids, device=device).expand(num, -1).clone()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tokens, desc="generate", unit="tok", dynamic_ncols=True)
+    # In seconds mode the token count is open-ended: the bar counts without a percentage.
+    bar = progress_bar(total=None if seconds else tokens, desc="generate", unit="tok", enabled=progress)
     t0 = time.perf_counter()
     rows = generate(
         model,
@@ -130,17 +140,16 @@ def generate_midi(
         seed=seed,
         use_cache=use_cache,
         refill=refill,
-        on_token=(lambda n: bar.update(1)) if bar else None,
+        on_token=lambda n: bar.update(1),
         stop=_time_limit(tok, time_steps) if time_steps else None,
         precision=precision,
     )
     elapsed = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+    bar.finish()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files, lengths, durations = [], [], []
+    files, lengths, durations, stopped, warnings = [], [], [], [], []
     for i, row in enumerate(rows):
         row = row.cpu().numpy()
         path = out / f"sample_{i:02d}.mid"
@@ -151,10 +160,27 @@ def generate_midi(
         np.save(path.with_name(path.stem + TOKENS_SUFFIX), row.astype(np.uint16))
         decoded = tok.decode_notes(events)
         files.append(path)
-        lengths.append(len(row) - len(ids))
+        new = row[len(ids) :]
+        lengths.append(len(new))
         durations.append(float(decoded.end.max()) / tok.cfg.steps_per_second if len(decoded) else 0.0)
+        if len(new) and new[-1] == EOS:
+            stopped.append("eos")
+        elif time_steps is not None and tok.vocab.shift_steps(new).sum() >= time_steps:
+            stopped.append("seconds")
+        else:
+            stopped.append("tokens")
+            if capped:
+                music = tok.vocab.shift_steps(new).sum() / tok.cfg.steps_per_second
+                warnings.append(
+                    f"{path.name}: cut at the safety cap of {tokens:,} tokens after {music:.1f} s of the "
+                    f"{seconds:g} s asked for (the model is writing notes without moving on in time); "
+                    "--tokens N sets another cap"
+                )
     generated = sum(lengths)
-    result = GenerateResult(out, files, len(ids), lengths, durations, generated / max(elapsed, 1e-9), notes)
+    result = GenerateResult(
+        out, files, len(ids), lengths, durations, generated / max(elapsed, 1e-9), notes, stopped=stopped,
+        warnings=warnings,
+    )  # fmt: skip
     prompt_end = float(tok.vocab.shift_steps(ids).sum()) / tok.cfg.steps_per_second if prompt else None
     if render:
         result.rendered = _render(files, prompt_end, audio_format, soundfont, notes)
@@ -177,8 +203,9 @@ def generate_midi(
         "token_files": [p.stem + TOKENS_SUFFIX for p in files],
         "generated_tokens": lengths,
         "piece_seconds": [round(d, 2) for d in durations],
+        "stopped": stopped,
         "tokens_per_second": round(result.tokens_per_s, 1),
-        "notes": notes,
+        "notes": notes + warnings,
         "rendered": [p.name for p in result.rendered],
     }
     (out / "generate.json").write_text(json.dumps(settings, indent=1))
@@ -191,8 +218,11 @@ def _render(
     """Piano rolls (the prompt's end marked) and, when FluidSynth can, audio next to each MIDI."""
     from perceiver_music import render
 
+    # No length limit: these pieces are as long as they were asked to be.
     written = [
-        render.piano_roll(path, path.with_suffix(".png"), boundary=prompt_end, title=path.name)
+        render.piano_roll(
+            path, path.with_suffix(".png"), boundary=prompt_end, title=path.name, max_seconds=None
+        )
         for path in files
     ]
     if audio_format is None:
@@ -200,7 +230,9 @@ def _render(
     try:
         for path in files:
             written.append(
-                render.render_audio(path, path.with_suffix(f".{audio_format}"), soundfont=soundfont)
+                render.render_audio(
+                    path, path.with_suffix(f".{audio_format}"), soundfont=soundfont, max_seconds=None
+                )
             )
     except render.RenderError as e:  # no fluidsynth, soundfont or audio extra: the MIDI and PNG stand
         notes.append(f"no audio written: {e}")

@@ -10,6 +10,7 @@ the functions that use them, so `perceiver-music render` starts at once.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -59,6 +60,11 @@ PEAK_CEILING_DBFS = -1.0
 # `loudness=None` renders; 0.5 keeps a single forte note well below full scale.
 FLUIDSYNTH_GAIN = 0.5
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 96000  # what fluidsynth's synth.sample-rate accepts
+# Longer files are refused before anything is drawn or synthesised (`max_seconds`,
+# --max-seconds): an hour of float stereo at 44.1 kHz is 1.3 GB of temporary WAV, and a
+# file that claims days (a stray event, a broken tempo) would fill the disk.
+DEFAULT_MAX_SECONDS = 3600.0
+FLUIDSYNTH_PAD_SECONDS = 10.0  # a generous bound on what fluidsynth renders past the last event
 
 
 class RenderError(RuntimeError):
@@ -264,14 +270,54 @@ def _atomic_target(path: Path) -> Iterator[Path]:
         raise
 
 
-def _synthesize(midi: Path, soundfont: Path, sample_rate: int, work_dir: Path, n_notes: int) -> np.ndarray:
-    """fluidsynth's float render of `midi` as float32 [frames, 2]."""
+def _human(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 60:.1f} minutes" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _check_length(seconds: float, max_seconds: float | None, label: str | os.PathLike | None) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise MidiError(
+            label,
+            f"lasts {_human(seconds)}, longer than the limit of {_human(max_seconds)} "
+            "(max_seconds; --max-seconds S raises it)",
+        )
+
+
+def _playable(score: ScoreTick, until: float, path: Path) -> Path:
+    """Write `score` cut after `until` seconds to `path`: fluidsynth plays a file to its last
+    event, so controllers or meta events long after the music would otherwise be rendered as
+    silence of any length."""
+    to_sec = _tick_to_seconds(score)
+    last = max(int(score.end()), 0)
+    # The first tick after `until` (seconds grow with ticks): events from there on are dropped.
+    cut = bisect.bisect_right(range(last + 2), until, key=lambda t: float(to_sec(np.array([t]))[0]))
+    score.clip(0, cut, clip_end=False).dump_midi(str(path))
+    return path
+
+
+def _check_disk(work_dir: Path, seconds: float, sample_rate: int, midi: Path) -> None:
+    """fluidsynth writes float32 stereo: refuse a render that cannot fit, before it starts."""
+    need = (seconds + FLUIDSYNTH_PAD_SECONDS) * sample_rate * 2 * 4
+    free = shutil.disk_usage(work_dir).free
+    if need > free:
+        raise RenderError(
+            f"rendering {midi} needs about {need / 1e9:.2f} GB of temporary space in {work_dir.parent}, "
+            f"and only {free / 1e9:.2f} GB are free"
+        )
+
+
+def _synthesize(
+    midi: Path, soundfont: Path, sample_rate: int, work_dir: Path, n_notes: int, play: Path | None = None
+) -> np.ndarray:
+    """fluidsynth's float render of `play` (default `midi`; errors name `midi`) as float32 [frames, 2]."""
     import soundfile
 
     wav = work_dir / "fluidsynth.wav"
     # Absolute paths: a name starting with '-' would otherwise read as an option.
     cmd = [_fluidsynth(), "-ni", "-g", str(FLUIDSYNTH_GAIN), "-r", str(sample_rate), "-O", "float"]
-    cmd += ["-T", "wav", "-F", str(wav), str(soundfont.resolve()), str(midi.resolve())]
+    cmd += ["-T", "wav", "-F", str(wav), str(soundfont.resolve()), str((play or midi).resolve())]
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
     detail = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
     if proc.returncode != 0 or not wav.is_file():
@@ -328,12 +374,17 @@ def _render(
     sample_rate: int,
     loudness: float | None,
     tail: float,
+    max_seconds: float | None,
 ) -> Levels:
     notes = score_to_notes(score, str(midi))
     music_end = float(notes.end.max(initial=0.0))
-    # Next to the output rather than in /tmp: a 20-minute float render is over 400 MB.
+    _check_length(music_end, max_seconds, midi)
+    # Next to the output rather than in /tmp: a 20-minute float render is over 400 MB. What
+    # fluidsynth plays ends with the music and its tail, so the space it takes is bounded.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".render-") as work:
-        samples = _synthesize(midi, soundfont, sample_rate, Path(work), len(notes))
+        _check_disk(Path(work), music_end + tail, sample_rate, midi)
+        play = _playable(score, music_end + tail, Path(work) / midi.name)
+        samples = _synthesize(midi, soundfont, sample_rate, Path(work), len(notes), play)
     samples = _trim(samples, sample_rate, music_end, tail)
     samples, levels = normalize(samples, sample_rate, loudness)
     _write_pcm16(samples, sample_rate, out, fmt)
@@ -351,6 +402,7 @@ def render_audio(
     sample_rate: int = 44100,
     loudness: float | None = -16.0,
     tail: float = 3.0,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> Path:
     """Render `midi` with fluidsynth into `out` (.wav or .flac, 16-bit, stereo).
 
@@ -358,9 +410,10 @@ def render_audio(
     level), with the gain lowered where needed to keep the sample peak at -1 dBFS (logged at
     INFO). At most `tail` seconds are kept after the last note for the release. A MIDI file
     with no notes gives a short silence. The file is written under a temporary name and
-    renamed when complete.
+    renamed when complete. A file whose music lasts longer than `max_seconds` (None: no limit)
+    is refused before fluidsynth runs; events after the music and its tail are not played.
 
-    Raises MidiError for a file that is not readable MIDI (before fluidsynth runs), and
+    Raises MidiError for a file that is not readable MIDI or too long (before fluidsynth runs), and
     RenderError for a bad output suffix or sample rate, a missing fluidsynth, soundfont or
     audio package, or a failed fluidsynth run.
     """
@@ -371,7 +424,7 @@ def render_audio(
     font = find_soundfont(soundfont)
     _require_audio_packages(need_scipy=loudness is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _render(score, midi, out, fmt, font, sample_rate, loudness, tail)
+    _render(score, midi, out, fmt, font, sample_rate, loudness, tail, max_seconds)
     return out
 
 
@@ -494,20 +547,14 @@ def piano_roll(
     title: str | None = None,
     sustain: bool = False,
     dpi: int = 100,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> Path:
     """Draw a piano roll PNG: pitch over time in seconds, velocity as colour, sustain-pedal
     spans as a band below the notes, and with `boundary` (seconds) a line between prompt and
     continuation. `midi_or_score` is a MIDI path or a symusic Score; the title defaults to
-    the file name. The image is figure_size(...) * dpi pixels. Written atomically.
+    the file name. The image is figure_size(...) * dpi pixels. Written atomically. A piece
+    longer than `max_seconds` (None: no limit) is refused with a MidiError.
     """
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.collections import PolyCollection
-    from matplotlib.colors import ListedColormap, Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MultipleLocator
-    from matplotlib.transforms import blended_transform_factory
-
     _check_boundary(boundary)
     out_png = Path(out_png)
     score, label = _as_tick_score(midi_or_score)
@@ -516,6 +563,16 @@ def piano_roll(
     lo, hi = _pitch_range(notes)
     rows = hi - lo + 1
     seconds = max(notes[:, 1].max(initial=0.0), pedal[:, 1].max(initial=0.0), boundary or 0.0) or 1.0
+    _check_length(seconds, max_seconds, label)
+
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
+    from matplotlib.transforms import blended_transform_factory
+
     width, height = figure_size(seconds, rows)
 
     # A Figure without pyplot: the Agg canvas, no global state, no effect on the caller's backend.
@@ -564,7 +621,11 @@ def piano_roll(
     ax.set_yticks(yticks, ylabels)
     ax.set_ylabel("pitch")
     if seconds > 120:  # minutes:seconds, about one tick per inch
-        step = next(s for s in (10, 15, 20, 30, 60, 120, 300, 600, 1800) if seconds / s <= 1.2 * width)
+        steps = (10, 15, 20, 30, 60, 120, 300, 600, 1800)
+        # Past the last step (hours of music, max_seconds raised): whole hours.
+        step = next(
+            (s for s in steps if seconds / s <= 1.2 * width), 3600 * math.ceil(seconds / 3600 / width)
+        )
         ax.xaxis.set_major_locator(MultipleLocator(step))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{int(t) // 60}:{int(t) % 60:02d}"))
         ax.set_xlabel("time (min:s)")
@@ -591,11 +652,13 @@ class RenderReport:
 
 def _jobs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, Path, Path]], list[tuple[Path, str]]]:
     """(MIDI file, its path relative to what was given, output path relative to out_dir
-    without suffix) for every file to render, and the paths that do not exist."""
+    without suffix) for every file to render, and the paths that do not exist or hold no MIDI."""
     jobs, missing, taken = [], [], set()
     for given in map(Path, paths):
         if given.is_dir():
             found = [(f, f.relative_to(given)) for f in find_midi(given)]
+            if not found:
+                missing.append((given, "no .mid or .midi files in this folder"))
         elif given.is_file():
             found = [(given, Path(given.name))]
         else:
@@ -627,13 +690,15 @@ def render_files(
     sustain: bool = False,
     boundary: float | None = None,
     progress: bool = False,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> RenderReport:
     """Render MIDI files, and folders searched recursively for .mid/.midi, into `out_dir`:
     `<stem>.wav|.flac` with `audio_format`, `<stem>.png` piano rolls with `png`. Files found
     in a folder keep their subfolders under `out_dir`.
 
-    A file that cannot be read or rendered is listed in `failed` with the reason; the others
-    are still rendered. When audio is asked for, fluidsynth, the soundfont and the audio
+    A file that cannot be read or rendered, has no notes, or lasts longer than `max_seconds`,
+    and a folder without MIDI, is listed in `failed` with the reason; the others are still
+    rendered. When audio is asked for, fluidsynth, the soundfont and the audio
     packages are checked first, and RenderError is raised before anything is written.
     """
     if audio_format is None and not png:
@@ -649,24 +714,38 @@ def render_files(
     jobs, missing = _jobs(paths)
     report = RenderReport(failed=missing)
     if progress:
-        from tqdm import tqdm
+        from perceiver_music.progress import progress_bar
 
-        jobs = tqdm(jobs, desc="render", unit="file")
+        jobs = progress_bar(jobs, desc="render", unit="file")
     for midi, rel, stem in jobs:
         target = out_dir / stem
         try:
             score = load_score(midi)
+            if len(score_to_notes(score, str(midi))) == 0:
+                raise MidiError(midi, "no notes: nothing to render")
             target.parent.mkdir(parents=True, exist_ok=True)
             if png:
                 roll = target.with_name(f"{target.name}.png")
-                roll_png = piano_roll(score, roll, boundary=boundary, title=rel.as_posix(), sustain=sustain)
+                roll_png = piano_roll(
+                    score,
+                    roll,
+                    boundary=boundary,
+                    title=rel.as_posix(),
+                    sustain=sustain,
+                    max_seconds=max_seconds,
+                )
                 report.written.append(roll_png)
             if fmt is not None and font is not None:
                 audio = target.with_name(f"{target.name}.{fmt.lower()}")
-                report.levels[audio] = _render(score, midi, audio, fmt, font, sample_rate, loudness, tail)
+                report.levels[audio] = _render(
+                    score, midi, audio, fmt, font, sample_rate, loudness, tail, max_seconds
+                )
                 report.written.append(audio)
         except MidiError as e:
             report.failed.append((midi, e.reason))
         except (RenderError, OSError) as e:
             report.failed.append((midi, str(e)))
+        except Exception as e:  # one file's surprise must not cost the rest of the folder
+            log.debug("rendering %s failed", midi, exc_info=True)
+            report.failed.append((midi, f"cannot be rendered ({type(e).__name__}: {e})"))
     return report

@@ -29,13 +29,13 @@ import torch
 from torch import Tensor
 
 from perceiver_music.config import TokenizerConfig
+from perceiver_music.generate_settings import PIANO, check_sampling
 from perceiver_music.model.base import TokenModel, autocast
 from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, PAD, Vocab, note_events
 
 # Note ids do not depend on the tokenizer's settings (only TIME_SHIFT and VELOCITY do).
 _LAYOUT = Vocab(TokenizerConfig())
 NOTE_ON, NOTE_OFF = _LAYOUT.note_on, _LAYOUT.note_off
-PIANO = (21, 108)  # A0..C8: the keyboard's pitches
 
 
 @dataclass
@@ -49,17 +49,7 @@ class SamplingConfig:
     pitch_range: tuple[int, int] = PIANO  # NOTE_ONs outside it are masked (widened by the prompt)
 
     def __post_init__(self) -> None:
-        lo, hi = self.pitch_range
-        if not 0 <= lo <= hi < NUM_PITCHES:
-            raise ValueError(f"pitch_range must be two pitches 0 <= low <= high <= 127, got {lo}-{hi}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.pitch_range)
 
 
 def sample_next(

@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from perceiver_music.config import Config, ConfigError, TrainConfig
 from perceiver_music.data.windows import TokenData, WindowDataset
 from perceiver_music.model import build_model
 from perceiver_music.model.base import autocast, nll_sum
+from perceiver_music.progress import progress_bar
 from perceiver_music.tokens.performance import PAD
 
 LOG_FIELDS = ["step", "kind", "loss", "val_nll", "val_bits", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
@@ -43,6 +45,7 @@ class TrainResult:
     step: int
     last_loss: float
     best_val_nll: float | None
+    already_finished: bool = False  # --resume of a run that had reached train.steps: nothing ran
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -170,11 +173,15 @@ def train(
     if resume and latest is None and main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     if latest is not None:
-        trainer = ckpt_io.read_training_state(latest, model, optimizer, rank)
+        resumed, trainer = _resume(run_dir, model, optimizer, rank, world)
         step, best = trainer["step"], trainer.get("best_val_nll")
-        log_rows = _read_log(run_dir, upto=step)
         if main_process:
-            print(f"resumed from {latest} at step {step}")
+            print(f"resumed from {resumed} at step {step}")
+        if step >= t.steps:
+            if main_process:
+                print(f"{run_dir}: already finished (step {step} of train.steps={t.steps}); nothing to do")
+            return TrainResult(run_dir, step, float("nan"), best, already_finished=True)
+        log_rows = _read_log(run_dir, upto=step)
     if main_process:  # (again on resume: train.* settings may have changed, e.g. more steps)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(ckpt_io.config_dict(cfg), indent=1))
@@ -202,9 +209,7 @@ def train(
     board = _tensorboard(run_dir) if main_process else None
     bar = None
     if progress and main_process:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=t.steps, initial=step, desc="train", unit="step")
 
     model.train()
     t_log, tokens_since, loss = time.perf_counter(), 0, float("nan")
@@ -292,6 +297,32 @@ def train(
     if world > 1:
         dist.barrier()
     return TrainResult(run_dir, step, loss, best)
+
+
+def _resume(run_dir: Path, model, optimizer, rank: int, world: int) -> tuple[Path, dict]:
+    """Restore the newest intact checkpoint. Damaged newer ones are named, then renamed
+    `*.damaged` (kept, out of the rotation, so no later save replaces or prunes a good one)."""
+    damaged = []
+    candidates = ckpt_io.training_checkpoints(run_dir)
+    for k, ckpt in enumerate(candidates):
+        try:
+            trainer = ckpt_io.read_training_state(ckpt, model, optimizer, rank)
+        except ckpt_io.CheckpointError as e:
+            if rank == 0:
+                then = "; trying the checkpoint before it" if k + 1 < len(candidates) else ""
+                print(f"warning: {e}{then}", file=sys.stderr)
+            damaged.append(ckpt)
+            continue
+        if world > 1:
+            dist.barrier()  # every process has read its state before any folder is renamed
+        if rank == 0:
+            for bad in damaged:
+                print(f"warning: {bad} renamed to {ckpt_io.set_aside(bad).name}", file=sys.stderr)
+        return ckpt, trainer
+    raise ckpt_io.CheckpointError(
+        f"{run_dir}: no intact checkpoint to resume from ({len(damaged)} damaged, named above); "
+        "start a new run with another --out"
+    )
 
 
 def _save(run_dir, step, best, model, optimizer, cfg, rank, world, keep_last) -> None:

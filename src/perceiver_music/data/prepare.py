@@ -212,11 +212,9 @@ def _previous_run(out_dir: Path, tok_cfg: dict) -> tuple[dict[str, dict], dict[s
 
 
 def _progress(items: Iterable, total: int, show: bool):
-    if not show:
-        return items
-    from tqdm import tqdm
+    from perceiver_music.progress import progress_bar
 
-    return tqdm(items, total=total, desc="prepare", unit="file", dynamic_ncols=True)
+    return progress_bar(items, total=total, desc="prepare", unit="file", enabled=show)
 
 
 def prepare(

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from perceiver_music.checkpoint import load_model
 from perceiver_music.data.windows import TokenData
 from perceiver_music.files import atomic_write_text
+from perceiver_music.progress import progress_bar
 from perceiver_music.tokens.performance import PAD
 
 DEFAULT_BUCKETS = (1024, 4096)  # token positions where a new bucket starts
@@ -112,7 +112,7 @@ def evaluate_likelihood(
     sums, counts = np.zeros(len(labels)), np.zeros(len(labels), np.int64)
     per_piece = []
     pieces = range(min(len(data), max_pieces or len(data)))
-    for i in tqdm(pieces, desc=f"likelihood {split}", unit="piece", disable=not progress):
+    for i in progress_bar(pieces, desc=f"likelihood {split}", unit="piece", enabled=progress):
         tokens = np.asarray(data.piece(i), np.int64)
         if len(tokens) < 2:
             continue

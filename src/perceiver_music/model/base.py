@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from perceiver_music.config import PRECISIONS, ModelConfig
+from perceiver_music.config import ModelConfig, check_precision
 from perceiver_music.tokens.performance import PAD
 
 
@@ -49,11 +49,6 @@ class TokenModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def autocast(device: torch.device | str, precision: str):
