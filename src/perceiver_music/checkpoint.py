@@ -203,6 +203,11 @@ def load_model(path: str | os.PathLike | None, device: str | torch.device = "cpu
 
     ckpt = resolve(path)
     config = read_config(ckpt / "config.json")
-    model = build_model(config.model)
+    if config.model.arch == "vqvae":
+        from perceiver_music.audio.vqvae import VQVAE
+
+        model = VQVAE(config.codec)
+    else:
+        model = build_model(config.model)
     model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
     return model.to(device).eval(), config
