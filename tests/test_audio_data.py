@@ -82,22 +82,40 @@ def test_rerun_reuses_unchanged_files(folder, tmp_path):
     assert third.read == 1
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert {p["path"]: p["length"] for p in meta["pieces"]}["a.wav"] == 66150
-    other_rate = prepare_audio(folder, tmp_path / "data", AudioPrepareConfig(sample_rate=16000), progress=False)
+    other_rate = prepare_audio(
+        folder, tmp_path / "data", AudioPrepareConfig(sample_rate=16000), progress=False
+    )
     assert other_rate.reused == 0
 
 
 def test_splits_follow_the_midi_the_audio_was_rendered_from(tmp_path):
     midi = tmp_path / "midi"
     for name in ("x", "y", "z", "w"):
-        write_midi(midi / "piece" / f"{name}.mid" if (midi / "piece").exists() else _mkdir(midi / "piece") / f"{name}.mid", [(0, 500, 60, 80)])
-    prepare(midi, tmp_path / "mdata", PrepareConfig(workers=1, valid_fraction=0.3, test_fraction=0.3), progress=False)
-    midi_split = {p["path"]: p["split"] for p in json.loads((tmp_path / "mdata" / "meta.json").read_text())["pieces"]}
+        write_midi(
+            midi / "piece" / f"{name}.mid"
+            if (midi / "piece").exists()
+            else _mkdir(midi / "piece") / f"{name}.mid",
+            [(0, 500, 60, 80)],
+        )
+    prepare(
+        midi,
+        tmp_path / "mdata",
+        PrepareConfig(workers=1, valid_fraction=0.3, test_fraction=0.3),
+        progress=False,
+    )
+    midi_split = {
+        p["path"]: p["split"] for p in json.loads((tmp_path / "mdata" / "meta.json").read_text())["pieces"]
+    }
     audio = _mkdir(tmp_path / "audio" / "piece")
     for name in ("x", "y", "z", "w"):
         sf.write(audio / f"{name}.wav", sine(1.5, 22050), 22050)
     sf.write(tmp_path / "audio" / "extra.wav", sine(1.5, 22050), 22050)
-    result = prepare_audio(tmp_path / "audio", tmp_path / "adata", splits_from=tmp_path / "mdata", progress=False)
-    audio_split = {p["path"]: p["split"] for p in json.loads((tmp_path / "adata" / "meta.json").read_text())["pieces"]}
+    result = prepare_audio(
+        tmp_path / "audio", tmp_path / "adata", splits_from=tmp_path / "mdata", progress=False
+    )
+    audio_split = {
+        p["path"]: p["split"] for p in json.loads((tmp_path / "adata" / "meta.json").read_text())["pieces"]
+    }
     for name in ("x", "y", "z", "w"):
         assert audio_split[f"piece/{name}.wav"] == midi_split[f"piece/{name}.mid"]
     assert any("1 files match no MIDI piece" in n for n in result.notes)
@@ -109,7 +127,9 @@ def _mkdir(path):
 
 
 def test_training_crops_are_seeded_by_index(folder, tmp_path):
-    prepare_audio(folder, tmp_path / "data", split=PrepareConfig(valid_fraction=0.0, test_fraction=0.0), progress=False)
+    prepare_audio(
+        folder, tmp_path / "data", split=PrepareConfig(valid_fraction=0.0, test_fraction=0.0), progress=False
+    )
     data = AudioData(tmp_path / "data", "train")
     a, b = AudioWindows(data, 4096, train=True, seed=3), AudioWindows(data, 4096, train=True, seed=3)
     assert all(np.array_equal(a[i], b[i]) for i in (0, 7, 123))
@@ -124,7 +144,9 @@ def test_prepare_audio_command_reports_and_never_imports_torch(folder, tmp_path)
         f"rc = main(['prepare-audio', {str(folder)!r}, '--out', {str(tmp_path / 'd')!r}, '--quiet']); "
         "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src")})
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src")}
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Prepared 3 audio files at 22050 Hz" in proc.stdout
     assert "cut.wav: truncated" in proc.stdout and "Traceback" not in proc.stderr
@@ -138,15 +160,23 @@ def test_prepare_audio_command_bad_folders(tmp_path, capsys):
     assert main(["prepare-audio", str(tmp_path / "bad"), "--out", str(tmp_path / "d"), "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "x.wav: not audio" in captured.out and "no usable audio file" in captured.err
-    assert main(["prepare-audio", str(tmp_path / "bad"), "--out", str(tmp_path / "d"), "--sample-rate", "10"]) == 2
+    assert (
+        main(["prepare-audio", str(tmp_path / "bad"), "--out", str(tmp_path / "d"), "--sample-rate", "10"])
+        == 2
+    )
     assert "audio.sample_rate" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not render.rendering_available(), reason="fluidsynth or a soundfont missing")
 def test_rendered_piano_audio_prepares(tmp_path):
     notes = [(i * 250, i * 250 + 400, 48 + (i * 5) % 36, 70 + i % 30) for i in range(12)]
-    write_midi(tmp_path / "midi" / "p.mid" if (tmp_path / "midi").exists() else _mkdir(tmp_path / "midi") / "p.mid", notes)
+    write_midi(
+        tmp_path / "midi" / "p.mid" if (tmp_path / "midi").exists() else _mkdir(tmp_path / "midi") / "p.mid",
+        notes,
+    )
     report = render.render_files([tmp_path / "midi"], tmp_path / "wav", png=False, sample_rate=44100)
     assert report.written and not report.failed
     result = prepare_audio(tmp_path / "wav", tmp_path / "data", progress=False)
-    assert result.usable == 1 and result.seconds["train"] + result.seconds["valid"] + result.seconds["test"] > 3
+    assert (
+        result.usable == 1 and result.seconds["train"] + result.seconds["valid"] + result.seconds["test"] > 3
+    )

@@ -59,7 +59,7 @@ def load_vqvae(run: str | os.PathLike, device: str = "cpu") -> tuple[VQVAE, Code
 class CodecRun:
     """Every level of a trained VQ-VAE; `level(l)` is that level as a Codec."""
 
-    def __init__(self, model: VQVAE, cfg: CodecConfig, digest: str = "", threads: int = 0):
+    def __init__(self, model: VQVAE, cfg: CodecConfig, digest: str = ""):
         self.model, self.cfg, self.digest = model, cfg, digest
         self.device = next(model.parameters()).device
         top = model.hops[-1]

@@ -2,7 +2,8 @@
 
     perceiver-music evaluate --codec RUN --data DATA_DIR --split test --out OUT_DIR
 
-Clips of `clip_seconds` are cut from the split's files (at most `clips`, spread over the files),
+Clips of `clip_seconds` are cut from the split's files (at most `clips`, spread over the files,
+silent ones left out),
 encoded and decoded at every level, and measured: spectral convergence (dB, Jukebox), the
 multi-scale mel distance (DAC), SI-SDR (dB), the codebooks' usage over all clips (perplexity,
 share of codes used) and the bitrate. Writes codec_eval.json, codec_eval.md and spectrogram
@@ -48,6 +49,23 @@ def clip_starts(data: AudioData, clips: int, length: int) -> list[tuple[int, int
     return out
 
 
+SILENCE = 10 ** (-50 / 20)  # clips whose peak is below -50 dBFS are not measured
+
+
+def audible_clips(data: AudioData, clips: int, length: int) -> list[tuple[int, int, np.ndarray]]:
+    """(file, start, samples) of up to `clips` clips that are not silent (spectral convergence
+    divides by the original's energy), chosen evenly from twice as many candidates."""
+    found = []
+    for f, start in clip_starts(data, 2 * clips, length):
+        x = np.zeros(length, np.float32)
+        clip = data.clip(f, start, length)
+        x[: len(clip)] = clip
+        if np.abs(x).max() > SILENCE:
+            found.append((f, start, x))
+    keep = np.unique(np.linspace(0, len(found) - 1, min(clips, len(found))).astype(int)) if found else []
+    return [found[i] for i in keep]
+
+
 def signal_metrics(x: np.ndarray, y: np.ndarray, sample_rate: int) -> dict[str, float]:
     """Spectral convergence (dB), mel distance and SI-SDR (dB) of reconstruction y of x."""
     n = min(len(x), len(y))
@@ -79,9 +97,9 @@ def evaluate_codec(
             f"(prepare-audio --sample-rate {codec.cfg.sample_rate})"
         )
     length = int(clip_seconds * codec.cfg.sample_rate)
-    starts = clip_starts(data, clips, length)
+    starts = audible_clips(data, clips, length)
     if not starts:
-        raise ValueError(f"{data_dir}: the {split} split has no audio")
+        raise ValueError(f"{data_dir}: the {split} split has no audio (or only silence)")
     sr = codec.cfg.sample_rate
     rows: list[dict] = []
     codes_seen: list[list[np.ndarray]] = [[] for _ in range(codec.levels)]
@@ -92,10 +110,7 @@ def evaluate_codec(
         from tqdm import tqdm
 
         items = tqdm(starts, desc="evaluate", unit="clip", dynamic_ncols=True)
-    for i, (f, start) in enumerate(items):
-        x = np.zeros(length, np.float32)
-        clip = data.clip(f, start, length)
-        x[: len(clip)] = clip
+    for i, (f, start, x) in enumerate(items):
         codes = codec.encode_array(x)
         recon = []
         for level, c in enumerate(codes):
