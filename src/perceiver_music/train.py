@@ -132,9 +132,13 @@ class TokenTask:
     unit, score_name, log_fields = "tokens", "validation NLL", LOG_FIELDS
 
     def __init__(self, cfg: Config, data_dir):
+        meta_path = Path(data_dir) / "meta.json"
+        if meta_path.is_file() and json.loads(meta_path.read_text()).get("kind") == "audio":
+            raise ConfigError(
+                f"{data_dir}: audio data (from `prepare-audio`); model.arch={cfg.model.arch} trains on "
+                "MIDI from `prepare` (model.arch=vqvae trains the audio codec)"
+            )
         train_data, valid_data = TokenData(data_dir, "train"), TokenData(data_dir, "valid")
-        if train_data.meta.get("kind", "midi") != "midi":
-            raise ConfigError(f"{data_dir}: audio data; a token model trains on `prepare`d MIDI")
         if train_data.meta["vocab_size"] != cfg.model.vocab_size:
             raise ConfigError(
                 f"{data_dir}: vocabulary of {train_data.meta['vocab_size']} tokens, but "
