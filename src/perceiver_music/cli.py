@@ -236,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(cfg, args.data, run_dir, resume=args.resume, progress=not args.quiet)
     best = (
-        f", best validation NLL {result.best_val_nll:.4f} nats/token"
+        f", best {result.score_name} {result.best_val_nll:.4f}"
+        + (" nats/token" if result.score_name == "validation NLL" else "")
         if result.best_val_nll is not None
         else ""
     )
