@@ -487,3 +487,44 @@ def test_a_midi_run_is_not_a_codec(tmp_path, capsys):
     (run / "model.safetensors").write_bytes(b"")
     assert main(["encode", "--codec", str(run), "x.wav", "--out", str(tmp_path)]) == 2
     assert "not an audio codec" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_codec_trains_under_ddp_with_two_processes(audio_data, tmp_path):
+    """torchrun, 2 CPU processes (gloo): with the EMA statistics all-reduced and restarts
+    broadcast in the codebooks, the run steps, validates and checkpoints both processes."""
+    import os
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "perceiver_music",
+            "train",
+            "--config",
+            "vqvae_tiny",
+            "--data",
+            str(audio_data),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--quiet",
+            *TINY_TRAIN,
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.ckpt_every=2",
+            "train.batch_size=1",
+        ],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "valid"] == [2]
+    assert all(np.isfinite(r["loss"]) for r in log if r["kind"] == "train")
+    assert (tmp_path / "ddp" / "checkpoints" / "step_0000002" / "rng_rank1.safetensors").is_file()
