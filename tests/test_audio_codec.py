@@ -528,3 +528,28 @@ def test_codec_trains_under_ddp_with_two_processes(audio_data, tmp_path):
     assert [r["step"] for r in log if r["kind"] == "valid"] == [2]
     assert all(np.isfinite(r["loss"]) for r in log if r["kind"] == "train")
     assert (tmp_path / "ddp" / "checkpoints" / "step_0000002" / "rng_rank1.safetensors").is_file()
+
+
+def test_shipped_presets():
+    jukebox = load_config("vqvae_jukebox")
+    model = VQVAE(jukebox.codec)
+    assert jukebox.model.arch == "vqvae" and jukebox.codec.sample_rate == 44100
+    assert model.hops == [8, 32, 128] and jukebox.codec.l_bins == 2048
+    # The bottom level twice as wide and deep as the others (Jukebox's multipliers 2, 1, 1).
+    widths = [lv.encoder[0].out_channels for lv in model.levels]
+    stacks = [len(lv.encoder[1]) for lv in model.levels]
+    assert widths == [64, 32, 32] and stacks == [8, 4, 4]
+    tiny, rvq = load_config("vqvae_tiny"), load_config("rvq_tiny")
+    assert tiny.codec.hop_lengths() == [8, 32] and tiny.codec.sample_rate == 22050
+    assert rvq.codec.quantizer == "rvq" and rvq.codec.codebooks == 4 and rvq.codec.levels == 1
+
+
+def test_codec_config_errors_name_the_key():
+    from perceiver_music.config import ConfigError
+
+    with pytest.raises(ConfigError, match="codec.sample_length .* multiple of the top hop"):
+        load_config("vqvae_tiny", ["codec.sample_length=1000"])
+    with pytest.raises(ConfigError, match="rvq works at one level"):
+        load_config("vqvae_tiny", ["codec.quantizer=rvq", "codec.codebooks=2"])
+    with pytest.raises(ConfigError, match="one entry per level"):
+        load_config("vqvae_tiny", ["codec.levels=3"])
