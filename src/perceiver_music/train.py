@@ -224,39 +224,42 @@ class CodecTask:
     def evaluate(
         self, net, indices, batch_size, device, precision, rank, world
     ) -> tuple[float, dict, dict, str]:
+        from perceiver_music.audio.evaluate import SILENCE
         from perceiver_music.audio.metrics import spectral_convergence_db
 
         model = net.module if hasattr(net, "module") else net
         model.eval()
-        sums: dict[str, float] = {}
+        keys = ["val_loss"] + [f"val_sc_db_l{level}" for level in range(len(model.hops))]
+        sums, counts = (
+            torch.zeros(len(keys), dtype=torch.float64),
+            torch.zeros(len(keys), dtype=torch.float64),
+        )
         mine = indices[rank::world]
         with torch.no_grad():
             for start in range(0, len(mine), batch_size):
-                x = self.collate([self.valid_windows[int(i)] for i in mine[start : start + batch_size]])[
-                    "audio"
-                ]
-                x = x.to(device)
+                crops = [self.valid_windows[int(i)] for i in mine[start : start + batch_size]]
+                x = self.collate(crops)["audio"].to(device)
                 with autocast(device, precision):
-                    out = model(x)
-                terms = {"val_loss": out["loss"]}
+                    sums[0] += float(model(x)["loss"]) * len(x)
+                counts[0] += len(x)
+                # Spectral convergence divides by the crop's energy: silent crops are left out.
+                audible = x.abs().amax(1) > SILENCE
                 for level in range(len(model.hops)):
                     y = model.decode(model.encode(x, level), level).float()
-                    terms[f"val_sc_db_l{level}"] = spectral_convergence_db(x, y).mean()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+                    sc = spectral_convergence_db(x, y)[audible]
+                    sums[1 + level] += float(sc.sum())
+                    counts[1 + level] += len(sc)
         model.train()
-        stats = torch.tensor([sums.get(k, 0.0) for k in sorted(sums)] + [len(mine)], dtype=torch.float64)
         if world > 1:
-            stats = stats.to(device)
-            dist.all_reduce(stats)
-            stats = stats.cpu()
-        keys, count = sorted(sums), max(float(stats[-1]), 1.0)
-        row = {k: round(float(v) / count, 5) for k, v in zip(keys, stats[:-1].tolist())}
-        levels = [k for k in row if k.startswith("val_sc_db_l")]
-        row["val_sc_db"] = round(sum(row[k] for k in levels) / max(len(levels), 1), 4)
+            both = torch.stack([sums, counts]).to(device)
+            dist.all_reduce(both)
+            sums, counts = both[0].cpu(), both[1].cpu()
+        row = {k: round(float(s / c), 5) if c > 0 else None for k, s, c in zip(keys, sums, counts)}
+        levels = [row[k] for k in keys[1:] if row[k] is not None]  # None: every crop was silent
+        row["val_sc_db"] = round(sum(levels) / len(levels), 4) if levels else None
         usages = [float(q.books[k].usage()) for q in model.quantizers for k in range(q.num_codebooks)]
         row["usage"] = round(sum(usages) / len(usages), 4)
-        sc = ", ".join(f"{row[k]:.2f}" for k in sorted(levels))
+        sc = ", ".join("n/a" if row[k] is None else f"{row[k]:.2f}" for k in keys[1:])
         message = (
             f"validation loss {row['val_loss']:.4f}, spectral convergence {sc} dB, usage {row['usage']:.2f}"
         )
