@@ -4,16 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# FluidSynth and a General MIDI soundfont turn MIDI into audio (`render`, and `generate`'s WAV).
-if ! command -v fluidsynth >/dev/null || [ ! -e /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then
+# FluidSynth and a General MIDI soundfont turn MIDI into audio (`render`, and `generate`'s WAV);
+# MuseScore's soundfont holds public-domain Steinway D piano samples (recipes/render_asap_audio.sh),
+# and opus-tools is the Opus codec bench/codec.py compares the audio codec with.
+if ! command -v fluidsynth >/dev/null || [ ! -e /usr/share/sounds/sf2/FluidR3_GM.sf2 ] \
+    || [ ! -e /usr/share/sounds/sf3/MuseScore_General.sf3 ] || ! command -v opusenc >/dev/null; then
     apt=(apt-get)
     [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)
     if command -v apt-get >/dev/null && "${apt[@]}" update -qq >/dev/null 2>&1; then
         DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq --no-install-recommends \
-            fluidsynth fluid-soundfont-gm >/dev/null
+            fluidsynth fluid-soundfont-gm musescore-general-soundfont opus-tools >/dev/null
     else
         echo "setup: could not install FluidSynth; MIDI and piano rolls work, audio needs:" >&2
-        echo "       sudo apt-get install fluidsynth fluid-soundfont-gm" >&2
+        echo "       sudo apt-get install fluidsynth fluid-soundfont-gm musescore-general-soundfont opus-tools" >&2
     fi
 fi
 

@@ -318,6 +318,11 @@ def load_model(path: str | os.PathLike | None, device: str | torch.device = "cpu
 
     ckpt = resolve(path)
     config = read_config(ckpt / "config.json")
-    model = build_model(config.model)
+    if config.model.arch == "vqvae":
+        from perceiver_music.audio.vqvae import VQVAE
+
+        model = VQVAE(config.codec)
+    else:
+        model = build_model(config.model)
     load_weights(model, ckpt / "model.safetensors", ckpt / "config.json")
     return model.to(device).eval(), config

@@ -7,6 +7,7 @@ nor the model code, so they start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -94,6 +95,123 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_audio(args: argparse.Namespace) -> int:
+    from perceiver_music.audio.data import prepare_audio
+
+    cfg = _load(args)
+    if args.sample_rate is not None:
+        cfg.audio = dataclasses.replace(cfg.audio, sample_rate=args.sample_rate)  # checked again
+    try:
+        result = prepare_audio(
+            args.audio_dir,
+            args.out,
+            cfg.audio,
+            cfg.prepare,
+            splits_from=args.splits_from,
+            progress=not args.quiet,
+        )
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    print(result.summary())
+    if result.usable == 0:
+        return _fail(f"no usable audio file found under {args.audio_dir}", 1)
+    return 0
+
+
+def _codec_run(args: argparse.Namespace):
+    """The codec of --codec, or None after printing why not."""
+    from perceiver_music.audio.codec import CodecRun
+    from perceiver_music.codec import CodecError
+
+    try:
+        return CodecRun.load(args.codec, _device(args.device))
+    except (FileNotFoundError, CodecError) as e:
+        _fail(f"--codec: {e}")
+        return None
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from perceiver_music.codec import CodecError
+
+    run = _codec_run(args)
+    if run is None:
+        return 2
+    out, failed = Path(args.out), 0
+    for given in args.paths:
+        path = Path(given)
+        try:
+            codes, samples = run.encode_file(path)
+        except CodecError as e:
+            print(f"perceiver-music: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        target = run.save_codes(out / f"{path.stem}.codes.npz", codes, samples, str(path))
+        frames = ", ".join(f"level {lv}: {c.shape[1]} frames x {c.shape[0]}" for lv, c in enumerate(codes))
+        print(f"{target}: {samples / run.cfg.sample_rate:.1f} s ({frames})")
+    return (2 if failed == len(args.paths) else 1) if failed else 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from perceiver_music.codec import CodecError
+
+    run = _codec_run(args)
+    if run is None:
+        return 2
+    out, failed = Path(args.out), 0
+    for given in args.paths:
+        path = Path(given)
+        try:
+            codes, meta = run.load_codes(path)
+            levels = sorted(codes) if args.level is None else [args.level]
+            if args.level is not None and args.level not in codes:
+                raise CodecError(path, f"holds no level {args.level} (levels {sorted(codes)})")
+        except CodecError as e:
+            print(f"perceiver-music: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        stem = path.name.removesuffix(".npz").removesuffix(".codes")
+        for level in levels:
+            target = out / f"{stem}.level{level}.{args.format}"
+            run.decode_to_file(codes[level], level, target, meta.get("samples"))
+            print(target)
+    return (2 if failed == len(args.paths) else 1) if failed else 0
+
+
+def _evaluate_codec(args: argparse.Namespace) -> int:
+    if args.data is None:
+        return _fail("codec evaluation needs --data DATA_DIR (a folder made by `prepare-audio`)")
+    from perceiver_music.audio.evaluate import evaluate_codec
+
+    run = _codec_run(args)
+    if run is None:
+        return 2
+    try:
+        evaluate_codec(
+            run,
+            args.data,
+            args.split,
+            args.out,
+            clips=args.clips,
+            clip_seconds=args.clip_seconds,
+            progress=not args.quiet,
+            labels={"codec": str(args.codec), "data": str(args.data)},
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    out = Path(args.out)
+    print((out / "codec_eval.md").read_text(), end="")
+    print(f"written: {out / 'codec_eval.json'}, {out / 'codec_eval.md'}, {out / 'plots'}/")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from perceiver_music.config import ConfigError, load_config
 
@@ -107,7 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         # The run's own config, unless the same command is given again; the model and data
         # must not change under a run, the training schedule may (e.g. more steps).
         cfg = load_config(args.config or saved, args.overrides)
-        changed = [s for s in ("model", "data", "tokenizer") if getattr(cfg, s) != getattr(before, s)]
+        changed = [
+            s for s in ("model", "data", "tokenizer", "codec") if getattr(cfg, s) != getattr(before, s)
+        ]
         if changed:
             return _fail(
                 f"--resume: the {' and '.join(changed)} settings differ from {saved}; "
@@ -131,7 +251,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0" or result.already_finished:
         return 0  # under torchrun rank 0 speaks for all; a finished run has said so
     best = (
-        f", best validation NLL {result.best_val_nll:.4f} nats/token"
+        f", best {result.score_name} {result.best_val_nll:.4f}"
+        + (" nats/token" if result.score_name == "validation NLL" else "")
         if result.best_val_nll is not None
         else ""
     )
@@ -235,6 +356,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.codec is not None:
+        if args.ckpt is not None or args.generated is not None or args.reference is not None:
+            return _fail("evaluate --codec RUN --data DATA_DIR takes no --ckpt, --generated or --reference")
+        return _evaluate_codec(args)
     likelihood = args.ckpt is not None or args.data is not None
     sets = args.generated is not None or args.reference is not None
     if likelihood == sets:
@@ -418,6 +543,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(
+        "prepare-audio",
+        help="turn a folder of audio into codec training data",
+        description="Read every WAV/FLAC/OGG/MP3 under AUDIO_DIR (recursive), downmix to mono, "
+        "resample (soxr) and store int16 PCM per split with meta.json and a report of skipped files.",
+    )
+    p.add_argument("audio_dir", metavar="AUDIO_DIR")
+    p.add_argument("--out", required=True, metavar="DATA_DIR")
+    p.add_argument("--sample-rate", type=int, help="target rate in Hz (default 22050)")
+    p.add_argument(
+        "--splits-from",
+        metavar="MIDI_DATA_DIR",
+        help="take each file's split from the MIDI piece it was rendered from (a folder made by `prepare`)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config(p)
+    p.set_defaults(func=cmd_prepare_audio)
+
+    p = sub.add_parser(
+        "encode",
+        help="audio files to codes with a trained codec",
+        description="Encode audio files (any rate, any channels) to FILE.codes.npz: every level's "
+        "codes [K, T] and the codec's layout. Long files are read and coded in chunks.",
+    )
+    p.add_argument("paths", nargs="+", metavar="AUDIO")
+    p.add_argument("--codec", required=True, metavar="RUN", help="a VQ-VAE run folder (or checkpoint)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser(
+        "decode",
+        help="codes back to audio with the codec that made them",
+        description="Decode FILE.codes.npz (from `encode`) to FILE.level<L>.wav, one per level.",
+    )
+    p.add_argument("paths", nargs="+", metavar="CODES")
+    p.add_argument("--codec", required=True, metavar="RUN", help="a VQ-VAE run folder (or checkpoint)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--level", type=int, help="decode only this level (default: every level in the file)")
+    p.add_argument("--format", default="wav", choices=["wav", "flac"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser(
         "train",
         help="train Perceiver AR / PerceiverS / the Transformer baseline",
         description="Train from a config (a shipped name or a YAML file) with dotted "
@@ -495,8 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="likelihood of a checkpoint, or the PerceiverS metric suite on sets of MIDI",
-        description="Two modes. Likelihood: --ckpt RUN_DIR --data DATA_DIR [--split test] scores "
+        help="likelihood of a checkpoint, the PerceiverS metric suite on sets of MIDI, or an audio codec",
+        description="Three modes. Codec: --codec RUN --data DATA_DIR [--split test] measures an "
+        "audio codec's reconstructions per level (spectral convergence, mel distance, SI-SDR, "
+        "codebook usage, bitrate). Likelihood: --ckpt RUN_DIR --data DATA_DIR [--split test] scores "
         "every token with full context (nats and bits per token, by position). Sets: --generated "
         "DIR [DIR ...] --reference DIR computes the PerceiverS metrics, their intra/inter-set "
         "distances, KL divergence and overlap area, and repetition.",
@@ -527,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--segments", type=int, default=64, help="sets: equal-time segments per piece (default 64)"
     )
     p.add_argument("--no-plots", action="store_true", help="sets: skip the PNGs")
+    p.add_argument("--codec", metavar="RUN", help="codec: a VQ-VAE run folder (or checkpoint)")
+    p.add_argument("--clips", type=int, default=32, help="codec: clips measured (default 32)")
+    p.add_argument("--clip-seconds", type=float, default=5.0, help="codec: seconds per clip (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 

@@ -95,7 +95,7 @@ class DataConfig:
 class ModelConfig:
     """Perceiver AR / PerceiverS / Transformer baseline (DESIGN.md section 5)."""
 
-    arch: Literal["perceiver_ar", "transformer"] = "perceiver_ar"
+    arch: Literal["perceiver_ar", "transformer", "vqvae"] = "perceiver_ar"  # vqvae: the `codec` section
     vocab_size: int = 391
     max_len: int = 1024  # input tokens per window (the context)
     num_latents: int = 256  # positions predicted per window: the last num_latents
@@ -180,12 +180,96 @@ class TrainConfig:
 
 
 @dataclass
+class CodecConfig:
+    """The audio codec (DESIGN.md section 8), trained when model.arch is vqvae.
+
+    quantizer=vq: Jukebox's VQ-VAE, one encoder/decoder/codebook per level, level l
+    downsampling by prod(strides_t[:l+1] ** downs_t[:l+1]). quantizer=rvq: one level whose
+    frames are quantized by `codebooks` residual codebooks (SoundStream/EnCodec).
+    """
+
+    sample_rate: int = 44100
+    sample_length: int = 32768  # samples per training crop (a multiple of the top level's hop)
+    levels: int = 3
+    downs_t: list[int] = field(default_factory=lambda: [3, 2, 2])  # stride-2 convs per level
+    strides_t: list[int] = field(default_factory=lambda: [2, 2, 2])
+    emb_width: int = 64  # code vector size
+    l_bins: int = 2048  # codes per codebook
+    width: int = 32  # conv channels
+    depth: int = 4  # residual blocks per downsampling step
+    m_conv: float = 1.0  # residual blocks' hidden width, times `width`
+    dilation_growth_rate: int = 3
+    multipliers: list[int] = field(default_factory=lambda: [2, 1, 1])  # width and depth, per level
+    quantizer: Literal["vq", "rvq"] = "vq"
+    codebooks: int = 1  # rvq: residual codebooks per frame (K)
+    quantizer_dropout: float = 0.0  # rvq: share of examples trained with a random 1..K codebooks
+    mu: float = 0.99  # EMA decay of the codebooks
+    restarts: bool = True  # codes whose EMA usage falls below restart_threshold get batch vectors
+    restart_threshold: float = 1.0
+    commit: float = 0.02
+    l2: float = 1.0
+    linf: float = 0.02  # weight of the mean of the `linf_k` largest squared errors
+    linf_k: int = 2048
+    spectral: float = 1.0  # multi-resolution STFT magnitude loss
+    stft_sizes: list[int] = field(default_factory=lambda: [2048, 1024, 512])
+    stft_hops: list[int] = field(default_factory=lambda: [240, 120, 50])
+    stft_windows: list[int] = field(default_factory=lambda: [1200, 600, 240])
+    chunk_seconds: float = 10.0  # encode/decode long files in chunks of this length
+
+    def __post_init__(self) -> None:
+        n = self.levels
+        if n < 1 or not (len(self.downs_t) == len(self.strides_t) == len(self.multipliers) == n):
+            raise ConfigError("codec.downs_t, strides_t and multipliers need one entry per level")
+        if min(self.downs_t) < 1 or min(self.strides_t) < 2 or any(s % 2 for s in self.strides_t):
+            raise ConfigError("codec.downs_t must be >= 1 and codec.strides_t even numbers >= 2")
+        if self.quantizer == "rvq" and n != 1:
+            raise ConfigError("codec.quantizer=rvq works at one level: set codec.levels=1")
+        if self.codebooks < 1 or (self.quantizer == "vq" and self.codebooks != 1):
+            raise ConfigError("codec.codebooks must be 1 for quantizer=vq and >= 1 for rvq")
+        if not 0 <= self.quantizer_dropout <= 1 or not 0 < self.mu < 1:
+            raise ConfigError("codec.quantizer_dropout must be in [0, 1] and codec.mu in (0, 1)")
+        if self.sample_length % self.hop_lengths()[-1]:
+            raise ConfigError(
+                f"codec.sample_length ({self.sample_length}) must be a multiple of the top hop "
+                f"({self.hop_lengths()[-1]})"
+            )
+        if not (len(self.stft_sizes) == len(self.stft_hops) == len(self.stft_windows)):
+            raise ConfigError("codec.stft_sizes, stft_hops and stft_windows need the same length")
+        if self.l_bins < 2 or self.emb_width < 1 or self.width < 1 or self.depth < 1:
+            raise ConfigError("codec.l_bins must be >= 2; emb_width, width and depth >= 1")
+
+    def hop_lengths(self) -> list[int]:
+        """Audio samples per code frame at each level."""
+        hops, hop = [], 1
+        for down, stride in zip(self.downs_t, self.strides_t):
+            hop *= stride**down
+            hops.append(hop)
+        return hops
+
+
+@dataclass
+class AudioPrepareConfig:
+    """Folder of audio -> mono PCM per split (prepare-audio)."""
+
+    sample_rate: int = 22050
+    min_seconds: float = 1.0  # shorter files are skipped
+    max_seconds: float = 4 * 3600.0  # longer files are refused as absurd
+    silence_db: float = -60.0  # files whose peak is below this (dBFS) are skipped as silent
+
+    def __post_init__(self) -> None:
+        if self.sample_rate < 1000 or self.min_seconds < 0 or self.max_seconds <= self.min_seconds:
+            raise ConfigError("audio.sample_rate must be >= 1000 and 0 <= min_seconds < max_seconds")
+
+
+@dataclass
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    audio: AudioPrepareConfig = field(default_factory=AudioPrepareConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -3,6 +3,10 @@
     perceiver-music train --config debug --data DATA_DIR --out RUN_DIR [--resume] [key=value ...]
     torchrun --nproc_per_node 4 -m perceiver_music train --config ... (one process per GPU)
 
+The config decides what is trained (a small "task": what a batch is, what the loss is, what
+validation measures): a token model (Perceiver AR, PerceiverS, the Transformer) on windows of
+MIDI tokens, or, with model.arch=vqvae, the audio codec on crops of prepared audio.
+
 Every optimizer step sees `batch_size * grad_accum * world_size` windows. Window i of the
 training stream is fixed by (seed, i) (see data/windows.py), so the data position is just the
 step, and a resumed run sees exactly the windows, dropout masks and learning rates that an
@@ -37,6 +41,9 @@ from perceiver_music.progress import progress_bar
 from perceiver_music.tokens.performance import PAD
 
 LOG_FIELDS = ["step", "kind", "loss", "val_nll", "val_bits", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
+# Codec runs: validation loss, spectral convergence (dB) and codebook usage (mean over levels);
+# log.jsonl has every level's figures.
+CODEC_LOG_FIELDS = ["val_loss", "val_sc_db", "usage", "samples_per_s"]
 
 
 @dataclass
@@ -44,7 +51,8 @@ class TrainResult:
     run_dir: Path
     step: int
     last_loss: float
-    best_val_nll: float | None
+    best_val_nll: float | None  # the best validation score: NLL, or a codec's validation loss
+    score_name: str = "validation NLL"
     already_finished: bool = False  # --resume of a run that had reached train.steps: nothing ran
 
 
@@ -59,15 +67,16 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 class _Batches(torch.utils.data.Dataset):
     """Item k is the k-th micro-batch of this process, collated to tensors."""
 
-    def __init__(self, windows: WindowDataset, batch_size: int, rank: int, world: int):
-        self.windows, self.batch_size, self.rank, self.world = windows, batch_size, rank, world
+    def __init__(self, windows, collate_fn, batch_size: int, rank: int, world: int):
+        self.windows, self.collate, self.batch_size = windows, collate_fn, batch_size
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:  # the stream is endless; the sampler decides what is read
         return 2**62
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         first = (k * self.world + self.rank) * self.batch_size
-        return collate([self.windows[i] for i in range(first, first + self.batch_size)])
+        return self.collate([self.windows[i] for i in range(first, first + self.batch_size)])
 
 
 def collate(windows) -> dict[str, torch.Tensor]:
@@ -120,6 +129,146 @@ def evaluate_windows(model, windows: WindowDataset, indices, batch_size, device,
     return (total / count).item() if count > 0 else float("nan"), int(count.item())
 
 
+class TokenTask:
+    """Next-token prediction over windows of MIDI tokens (the token models)."""
+
+    unit, score_name, log_fields = "tokens", "validation NLL", LOG_FIELDS
+
+    def __init__(self, cfg: Config, data_dir):
+        meta_path = Path(data_dir) / "meta.json"
+        if meta_path.is_file() and json.loads(meta_path.read_text()).get("kind") == "audio":
+            raise ConfigError(
+                f"{data_dir}: audio data (from `prepare-audio`); model.arch={cfg.model.arch} trains on "
+                "MIDI from `prepare` (model.arch=vqvae trains the audio codec)"
+            )
+        train_data, valid_data = TokenData(data_dir, "train"), TokenData(data_dir, "valid")
+        if train_data.meta["vocab_size"] != cfg.model.vocab_size:
+            raise ConfigError(
+                f"{data_dir}: vocabulary of {train_data.meta['vocab_size']} tokens, but "
+                f"model.vocab_size is {cfg.model.vocab_size}"
+            )
+        if len(train_data) == 0:
+            raise ConfigError(f"{data_dir}: the train split has no pieces")
+        m = cfg.model
+        self.train_windows = WindowDataset(
+            train_data, cfg.data, m.max_len, m.num_latents, train=True, seed=cfg.train.seed
+        )
+        self.valid_windows = WindowDataset(
+            valid_data if len(valid_data) else train_data, cfg.data, m.max_len, m.num_latents, train=False
+        )
+        self.no_valid = len(valid_data) == 0
+        self.collate = collate
+        self.extras: dict[str, float] = {}
+
+    def build(self, cfg: Config, fresh: bool):
+        return build_model(cfg.model)
+
+    def loss(self, net, model, batch) -> tuple[torch.Tensor, int]:
+        logits = net(batch["inputs"], batch["positions"])
+        return model.loss(logits, batch["targets"]), int((batch["targets"] != PAD).sum())
+
+    def evaluate(
+        self, net, indices, batch_size, device, precision, rank, world
+    ) -> tuple[float, dict, dict, str]:
+        """(score, log fields, best/info.json fields, message) of one validation pass."""
+        nll, n = evaluate_windows(
+            net, self.valid_windows, indices, batch_size, device, precision, rank, world
+        )
+        row = {"val_nll": round(nll, 6), "val_bits": round(nll / math.log(2), 6)}
+        message = f"validation {nll:.4f} nats/token ({nll / math.log(2):.4f} bits) over {n} tokens"
+        return nll, row, {"val_nll": nll, "val_tokens": n}, message
+
+
+class CodecTask:
+    """The audio codec (model.arch=vqvae) on random crops of prepared audio."""
+
+    unit, score_name, log_fields = "samples", "validation loss", LOG_FIELDS + CODEC_LOG_FIELDS
+
+    def __init__(self, cfg: Config, data_dir):
+        from perceiver_music.audio.data import AudioData, AudioWindows
+
+        try:
+            train_data, valid_data = AudioData(data_dir, "train"), AudioData(data_dir, "valid")
+        except ValueError as e:
+            raise ConfigError(f"{e}; model.arch=vqvae trains on `prepare-audio` data") from None
+        c = cfg.codec
+        if train_data.sample_rate != c.sample_rate:
+            raise ConfigError(
+                f"{data_dir}: audio at {train_data.sample_rate} Hz, but codec.sample_rate is {c.sample_rate} "
+                f"(prepare-audio --sample-rate {c.sample_rate}, or set codec.sample_rate)"
+            )
+        if len(train_data) == 0:
+            raise ConfigError(f"{data_dir}: the train split has no audio")
+        self.train_windows = AudioWindows(train_data, c.sample_length, train=True, seed=cfg.train.seed)
+        self.valid_windows = AudioWindows(
+            valid_data if len(valid_data) else train_data, c.sample_length, train=False
+        )
+        self.no_valid = len(valid_data) == 0
+        self.extras = {}
+
+    @staticmethod
+    def collate(crops) -> dict[str, torch.Tensor]:
+        return {"audio": torch.from_numpy(np.stack(crops))}
+
+    def build(self, cfg: Config, fresh: bool):
+        from perceiver_music.audio.vqvae import VQVAE
+
+        model = VQVAE(cfg.codec)
+        if fresh:  # the loss's normalisers, from the first training crops (a resume loads them)
+            n = min(64, len(self.train_windows))
+            model.set_bandwidth(self.collate([self.train_windows[i] for i in range(n)])["audio"])
+        return model
+
+    def loss(self, net, model, batch) -> tuple[torch.Tensor, int]:
+        out = net(batch["audio"])
+        self.extras = {k: round(float(v), 5) for k, v in out.items() if k != "loss"}
+        return out["loss"], batch["audio"].numel()
+
+    def evaluate(
+        self, net, indices, batch_size, device, precision, rank, world
+    ) -> tuple[float, dict, dict, str]:
+        from perceiver_music.audio.evaluate import SILENCE
+        from perceiver_music.audio.metrics import spectral_convergence_db
+
+        model = net.module if hasattr(net, "module") else net
+        model.eval()
+        keys = ["val_loss"] + [f"val_sc_db_l{level}" for level in range(len(model.hops))]
+        sums, counts = (
+            torch.zeros(len(keys), dtype=torch.float64),
+            torch.zeros(len(keys), dtype=torch.float64),
+        )
+        mine = indices[rank::world]
+        with torch.no_grad():
+            for start in range(0, len(mine), batch_size):
+                crops = [self.valid_windows[int(i)] for i in mine[start : start + batch_size]]
+                x = self.collate(crops)["audio"].to(device)
+                with autocast(device, precision):
+                    sums[0] += float(model(x)["loss"]) * len(x)
+                counts[0] += len(x)
+                # Spectral convergence divides by the crop's energy: silent crops are left out.
+                audible = x.abs().amax(1) > SILENCE
+                for level in range(len(model.hops)):
+                    y = model.decode(model.encode(x, level), level).float()
+                    sc = spectral_convergence_db(x, y)[audible]
+                    sums[1 + level] += float(sc.sum())
+                    counts[1 + level] += len(sc)
+        model.train()
+        if world > 1:
+            both = torch.stack([sums, counts]).to(device)
+            dist.all_reduce(both)
+            sums, counts = both[0].cpu(), both[1].cpu()
+        row = {k: round(float(s / c), 5) if c > 0 else None for k, s, c in zip(keys, sums, counts)}
+        levels = [row[k] for k in keys[1:] if row[k] is not None]  # None: every crop was silent
+        row["val_sc_db"] = round(sum(levels) / len(levels), 4) if levels else None
+        usages = [float(q.books[k].usage()) for q in model.quantizers for k in range(q.num_codebooks)]
+        row["usage"] = round(sum(usages) / len(usages), 4)
+        sc = ", ".join("n/a" if row[k] is None else f"{row[k]:.2f}" for k in keys[1:])
+        message = (
+            f"validation loss {row['val_loss']:.4f}, spectral convergence {sc} dB, usage {row['usage']:.2f}"
+        )
+        return row["val_loss"], row, dict(row), message
+
+
 def train(
     cfg: Config,
     data_dir: str | os.PathLike,
@@ -135,26 +284,16 @@ def train(
         torch.set_num_threads(t.threads)
     run_dir = Path(run_dir)
 
-    train_data, valid_data = TokenData(data_dir, "train"), TokenData(data_dir, "valid")
-    if train_data.meta["vocab_size"] != cfg.model.vocab_size:
-        raise ConfigError(
-            f"{data_dir}: vocabulary of {train_data.meta['vocab_size']} tokens, but "
-            f"model.vocab_size is {cfg.model.vocab_size}"
-        )
-    if len(train_data) == 0:
-        raise ConfigError(f"{data_dir}: the train split has no pieces")
-    m = cfg.model
-    train_windows = WindowDataset(train_data, cfg.data, m.max_len, m.num_latents, train=True, seed=t.seed)
-    valid_windows = WindowDataset(
-        valid_data if len(valid_data) else train_data, cfg.data, m.max_len, m.num_latents, train=False
-    )
+    task = CodecTask(cfg, data_dir) if cfg.model.arch == "vqvae" else TokenTask(cfg, data_dir)
+    valid_windows = task.valid_windows
     # The same evenly spaced validation windows at every evaluation.
     eval_idx = np.unique(
         np.linspace(0, len(valid_windows) - 1, min(t.eval_windows, len(valid_windows))).astype(int)
     )
 
     torch.manual_seed(t.seed + rank)
-    model = build_model(m).to(device)
+    latest = ckpt_io.latest_checkpoint(run_dir)
+    model = task.build(cfg, fresh=latest is None).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -165,7 +304,6 @@ def train(
     )
 
     step, best, log_rows = 0, None, []
-    latest = ckpt_io.latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise ConfigError(
             f"{run_dir} already holds a run (up to {latest.name}): add --resume, or choose another --out"
@@ -185,7 +323,7 @@ def train(
     if main_process:  # (again on resume: train.* settings may have changed, e.g. more steps)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(ckpt_io.config_dict(cfg), indent=1))
-        if len(valid_data) == 0:
+        if task.no_valid:
             print(f"note: {data_dir} has no validation pieces; validating on training windows")
 
     net = model
@@ -194,10 +332,12 @@ def train(
             model, device_ids=[local_rank] if device.type == "cuda" else None
         )
     if main_process:
-        _write_logs(run_dir, log_rows)  # drop rows a killed run logged after its last checkpoint
+        _write_logs(
+            run_dir, log_rows, task.log_fields
+        )  # drop rows a killed run logged after its last checkpoint
 
     loader = torch.utils.data.DataLoader(
-        _Batches(train_windows, t.batch_size, rank, world),
+        _Batches(task.train_windows, task.collate, t.batch_size, rank, world),
         batch_size=None,
         sampler=range(step * t.grad_accum, t.steps * t.grad_accum),
         num_workers=t.num_workers,
@@ -223,11 +363,11 @@ def train(
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             sync = micro == t.grad_accum - 1 or world == 1
             with net.no_sync() if not sync else contextlib.nullcontext(), autocast(device, t.precision):
-                logits = net(batch["inputs"], batch["positions"])
-                micro_loss = model.loss(logits, batch["targets"]) / t.grad_accum
+                micro_loss, units = task.loss(net, model, batch)
+                micro_loss = micro_loss / t.grad_accum
             micro_loss.backward()
             loss_sum += micro_loss.item()
-            tokens_since += int((batch["targets"] != PAD).sum()) * world
+            tokens_since += units * world
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
         )
@@ -248,42 +388,39 @@ def train(
                 "loss": round(loss, 6),
                 "lr": lr,
                 "grad_norm": round(float(grad_norm), 4),
-                "tokens_per_s": round(tokens_since / (now - t_log), 1),
+                f"{task.unit}_per_s": round(tokens_since / (now - t_log), 1),
                 "elapsed_s": round(now - start_time, 2),
+                **task.extras,
             }
             t_log, tokens_since = now, 0
             log_rows.append(row)
             if main_process:
-                _append_log(run_dir, row, board)
+                _append_log(run_dir, row, task.log_fields, board)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", per_s=f"{row[f'{task.unit}_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
 
         if step % t.eval_every == 0 or step == t.steps:
-            nll, n = evaluate_windows(
-                net, valid_windows, eval_idx, t.batch_size, device, t.precision, rank, world
+            score, fields, info, message = task.evaluate(
+                net, eval_idx, t.batch_size, device, t.precision, rank, world
             )
             row = {
                 "step": step,
                 "kind": "valid",
-                "val_nll": round(nll, 6),
-                "val_bits": round(nll / math.log(2), 6),
+                **fields,
                 "elapsed_s": round(time.perf_counter() - start_time, 2),
             }
             log_rows.append(row)
-            improved = best is None or nll < best
-            best = nll if improved else best
+            improved = best is None or score < best
+            best = score if improved else best
             if main_process:
-                _append_log(run_dir, row, board)
+                _append_log(run_dir, row, task.log_fields, board)
                 if improved:
-                    ckpt_io.save_best(run_dir, model, cfg, {"step": step, "val_nll": nll, "val_tokens": n})
+                    ckpt_io.save_best(run_dir, model, cfg, {"step": step, **info})
                 _plot(run_dir, log_rows)
                 if bar is not None:
-                    bar.write(
-                        f"step {step}: validation {nll:.4f} nats/token ({nll / math.log(2):.4f} bits) "
-                        f"over {n} tokens"
-                    )
+                    bar.write(f"step {step}: {message}")
 
         if step % t.ckpt_every == 0 or step == t.steps:
             _save(run_dir, step, best, model, optimizer, cfg, rank, world, t.keep_last)
@@ -296,7 +433,7 @@ def train(
         _plot(run_dir, log_rows)
     if world > 1:
         dist.barrier()
-    return TrainResult(run_dir, step, loss, best)
+    return TrainResult(run_dir, step, loss, best, task.score_name)
 
 
 def _resume(run_dir: Path, model, optimizer, rank: int, world: int) -> tuple[Path, dict]:
@@ -345,11 +482,11 @@ def _save(run_dir, step, best, model, optimizer, cfg, rank, world, keep_last) ->
 # ----------------------------------------------------------------------------- logs and plots
 
 
-def _append_log(run_dir: Path, row: dict, board=None) -> None:
+def _append_log(run_dir: Path, row: dict, fields: list[str], board=None) -> None:
     with open(run_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     with open(run_dir / "log.csv", "a", newline="") as f:
-        csv.DictWriter(f, LOG_FIELDS).writerow(row)
+        csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
     if board is not None:
         for key, value in row.items():
             if key not in ("step", "kind") and isinstance(value, (int, float)):
@@ -378,11 +515,11 @@ def _read_log(run_dir: Path, upto: int) -> list[dict]:
     return rows
 
 
-def _write_logs(run_dir: Path, rows: list[dict]) -> None:
+def _write_logs(run_dir: Path, rows: list[dict], fields: list[str]) -> None:
     with open(run_dir / "log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(run_dir / "log.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS)
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -401,16 +538,12 @@ def _plot(run_dir: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train_rows:
         ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1, label="train loss")
+    codec = any("val_loss" in r for r in valid_rows)
+    key, label = ("val_loss", "validation loss") if codec else ("val_nll", "validation NLL (nats/token)")
     if valid_rows:
-        ax.plot(
-            [r["step"] for r in valid_rows],
-            [r["val_nll"] for r in valid_rows],
-            "o-",
-            lw=1.5,
-            label="validation NLL (nats/token)",
-        )
+        ax.plot([r["step"] for r in valid_rows], [r[key] for r in valid_rows], "o-", lw=1.5, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("nats / token")
+    ax.set_ylabel("loss" if codec else "nats / token")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()

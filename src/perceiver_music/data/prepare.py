@@ -74,13 +74,19 @@ class PrepareResult:
             f"in {self.elapsed:.1f} s"
         )
         lines.extend(f"  note: {n}" for n in self.notes)
-        if self.skipped:
-            lines.append(f"  skipped {len(self.skipped)} files (reasons in skipped.csv):")
-            for path, reason in self.skipped[:20]:
-                lines.append(f"    {path}: {reason}")
-            if len(self.skipped) > 20:
-                lines.append(f"    ... and {len(self.skipped) - 20} more")
+        lines.extend(skipped_lines(self.skipped))
         return "\n".join(lines)
+
+
+def skipped_lines(skipped: list[tuple[str, str]], show: int = 20) -> list[str]:
+    """The report's list of skipped files (the first `show`) with their reasons."""
+    if not skipped:
+        return []
+    lines = [f"  skipped {len(skipped)} files (reasons in skipped.csv):"]
+    lines.extend(f"    {path}: {reason}" for path, reason in skipped[:show])
+    if len(skipped) > show:
+        lines.append(f"    ... and {len(skipped) - show} more")
+    return lines
 
 
 def find_midi(root: Path) -> list[Path]:
