@@ -30,7 +30,7 @@ What is measured
     per vocabulary entry are made once per stream): what any float32 batch-1 step must at least
     spend reading ~87 MB of weights; its inverse bounds float32 tokens/s on this machine.
     The keyboard mask (on by default in `generate`): our generate() end to end without it and
-    with it, back to back in each repeat; "mask cost" is the median of the paired time ratios
+    with it, back to back in each repeat (alternating which goes first); "mask cost" is the median of the paired time ratios
     minus 1 (the target: below 3 % of decode time).
     ours-bf16: our side again under bf16 autocast (`generate(precision="bf16")`: matrix products
     in bf16, each weight cast once per generation; caches and attention stay float32), which
@@ -218,6 +218,25 @@ def _ours_generate(model, prompt, context: int, new_tokens: int):
     return torch.cat(tokens).tolist(), prefill, steps, refills
 
 
+def _mask_ms(prompt, steps: int = 2000) -> float:
+    """What the keyboard mask adds to one decode step, timed alone: its apply and update on
+    [1, 391] logits (the paired end-to-end ratio above is within this machine's noise)."""
+    import torch
+
+    from perceiver_music.sample import KeyboardMask
+
+    mask, logits = KeyboardMask(prompt), torch.zeros(prompt.shape[0], 391)
+    tokens = torch.randint(3, 391, (steps, prompt.shape[0]), generator=torch.Generator().manual_seed(0))
+    for t in tokens[:100]:
+        mask.apply(logits)
+        mask.update(t)
+    t0 = time.perf_counter()
+    for t in tokens:
+        mask.apply(logits)
+        mask.update(t)
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
 def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     """Time `repeats` generations of one side at one context in this (fresh) process."""
     import torch
@@ -265,7 +284,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     load_at_start = os.getloadavg()[0]
     with torch.no_grad(), precision:
         once(min(8, n))  # warm-up: first-call allocations and kernel choices
-        for _ in range(spec["repeats"]):
+        for repeat in range(spec["repeats"]):
             with watch:
                 tokens, prefill, steps = once(n)
             prefills.append(prefill)
@@ -274,8 +293,10 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
             token_lists.append(tokens)
             if side.startswith("ours"):  # our generate() end to end, as a user calls it: same tokens?
                 # Without the keyboard mask (the random prompt breaks its rules, and the stream
-                # above does not apply it), then with it, back to back: what the mask costs.
-                for keyboard, times in ((False, extra["generate_s"]), (True, extra["generate_masked_s"])):
+                # above does not apply it) and with it, back to back, which one first alternating
+                # between repeats (the second of two runs was seen to be slower): what the mask costs.
+                pair = [(False, extra["generate_s"]), (True, extra["generate_masked_s"])]
+                for keyboard, times in pair if repeat % 2 == 0 else pair[::-1]:
                     with watch:
                         t0 = time.perf_counter()
                         out = generate(
@@ -299,6 +320,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
         extra["keyboard_mask_cost"] = statistics.median(
             m / u - 1 for m, u in zip(extra["generate_masked_s"], extra["generate_s"])
         )
+        extra["keyboard_mask_ms_per_step"] = _mask_ms(prompt)
 
     decode = statistics.median(decodes)
     all_steps = [t for s in step_lists for t in s]
@@ -590,6 +612,7 @@ def combine_rounds(rs: list[dict[str, Any]]) -> dict[str, Any]:
         r["generate_tokens_match"] = all(x["generate_tokens_match"] for x in rs)
         r["generate_masked_s"] = [t for x in rs for t in x["generate_masked_s"]]
         r["keyboard_mask_cost"] = statistics.median(x["keyboard_mask_cost"] for x in rs)
+        r["keyboard_mask_ms_per_step"] = statistics.median(x["keyboard_mask_ms_per_step"] for x in rs)
         r["refills_during_steps"] = [n for x in rs for n in x["refills_during_steps"]]
     return r
 
@@ -682,9 +705,12 @@ def check_targets(runs: list[dict], exactness: dict[str, Any], at: int = 8192) -
             "at_context": at,
             "value": ours["keyboard_mask_cost"],
             "by_context": {str(r["context"]): r["keyboard_mask_cost"] for r in runs if r["side"] == "ours"},
-            "note": "generate() with the keyboard mask over without it, minus 1",
+            "note": "generate() with the keyboard mask over without it, minus 1 (paired, alternating)",
+            "mask_ms_per_step": ours["keyboard_mask_ms_per_step"],
+            "mask_share_of_step": ours["keyboard_mask_ms_per_step"] / ours["step_ms_median"],
             "lower_is_better": True,
-            "met": ours["keyboard_mask_cost"] < 0.03,
+            "met": max(ours["keyboard_mask_cost"], ours["keyboard_mask_ms_per_step"] / ours["step_ms_median"])
+            < 0.03,
         }
     return out
 
@@ -758,6 +784,11 @@ def print_table(report: dict[str, Any]) -> None:
             f"{t['value']:.3f} -> met: "
             + (str(t["met"]) if t["met"] is not None else "n/a (precisions differ)")
             + (f"  ({extra})" if extra else "")
+        )
+    if k := report["targets"].get("keyboard_mask_cost"):
+        print(
+            f"keyboard mask alone: {k['mask_ms_per_step']:.3f} ms per step, "
+            f"{k['mask_share_of_step']:.1%} of a decode step at {k['at_context']}"
         )
     if m := report.get("memory"):
         refills = (
