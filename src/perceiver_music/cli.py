@@ -138,51 +138,48 @@ def _device(name: str) -> str:
     return name
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
+def _codec_files(args: argparse.Namespace, work) -> int:
+    """Run `work(run, path)` on each file of args.paths with the codec of --codec; a file that
+    fails (CodecError) is reported and the others go on. Exit 2 if all failed, 1 if some did."""
     from perceiver_music.codec import CodecError
 
     run = _codec_run(args)
     if run is None:
         return 2
-    out, failed = Path(args.out), 0
+    failed = 0
     for given in args.paths:
-        path = Path(given)
         try:
-            codes, samples = run.encode_file(path)
+            work(run, Path(given))
         except CodecError as e:
             print(f"perceiver-music: error: {e}", file=sys.stderr)
             failed += 1
-            continue
-        target = run.save_codes(out / f"{path.stem}.codes.npz", codes, samples, str(path))
+    return (2 if failed == len(args.paths) else 1) if failed else 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    def encode(run, path: Path) -> None:
+        codes, samples = run.encode_file(path)
+        target = run.save_codes(Path(args.out) / f"{path.stem}.codes.npz", codes, samples, str(path))
         frames = ", ".join(f"level {lv}: {c.shape[1]} frames x {c.shape[0]}" for lv, c in enumerate(codes))
         print(f"{target}: {samples / run.cfg.sample_rate:.1f} s ({frames})")
-    return (2 if failed == len(args.paths) else 1) if failed else 0
+
+    return _codec_files(args, encode)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from perceiver_music.codec import CodecError
 
-    run = _codec_run(args)
-    if run is None:
-        return 2
-    out, failed = Path(args.out), 0
-    for given in args.paths:
-        path = Path(given)
-        try:
-            codes, meta = run.load_codes(path)
-            levels = sorted(codes) if args.level is None else [args.level]
-            if args.level is not None and args.level not in codes:
-                raise CodecError(path, f"holds no level {args.level} (levels {sorted(codes)})")
-        except CodecError as e:
-            print(f"perceiver-music: error: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    def decode(run, path: Path) -> None:
+        codes, meta = run.load_codes(path)
+        if args.level is not None and args.level not in codes:
+            raise CodecError(path, f"holds no level {args.level} (levels {sorted(codes)})")
         stem = path.name.removesuffix(".npz").removesuffix(".codes")
-        for level in levels:
-            target = out / f"{stem}.level{level}.{args.format}"
+        for level in sorted(codes) if args.level is None else [args.level]:
+            target = Path(args.out) / f"{stem}.level{level}.{args.format}"
             run.decode_to_file(codes[level], level, target, meta.get("samples"))
             print(target)
-    return (2 if failed == len(args.paths) else 1) if failed else 0
+
+    return _codec_files(args, decode)
 
 
 def _evaluate_codec(args: argparse.Namespace) -> int:
