@@ -176,6 +176,61 @@ def test_maestro_csv_split(tmp_path):
     prepare(root, tmp_path / "data", PrepareConfig(workers=1), progress=False)
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert [p["split"] for p in meta["pieces"]] == ["train", "valid", "test", "train"]
+    assert meta["label_source"] is None and all(p["label"] is None for p in meta["pieces"])
+
+
+def test_maestro_composers_become_labels(tmp_path):
+    root = tmp_path / "maestro"
+    (root / "2004").mkdir(parents=True)
+    rows = []
+    for i, composer in enumerate(["Frédéric Chopin", "Franz Liszt", "Frédéric Chopin", ""]):
+        good_midi(root / f"2004/f{i}.midi", i)
+        rows.append({"canonical_composer": composer, "midi_filename": f"2004/f{i}.midi", "split": "train"})
+    with open(root / "maestro-v3.0.0.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["canonical_composer", "midi_filename", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = prepare(root, tmp_path / "data", PrepareConfig(workers=1), progress=False)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert [p["label"] for p in meta["pieces"]] == ["Frédéric Chopin", "Franz Liszt", "Frédéric Chopin", None]
+    assert meta["labels"]["Frédéric Chopin"]["train"] == 2 and set(meta["labels"]) == {
+        "Frédéric Chopin",
+        "Franz Liszt",
+    }
+    assert "1 of 4 files have no label" in result.summary() and "Frédéric Chopin 2" in result.summary()
+
+
+def test_a_user_labels_csv(tmp_path, capsys):
+    root = tmp_path / "midi"
+    root.mkdir()
+    for i in range(3):
+        good_midi(root / f"p{i}.mid", i)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\np0.mid,calm\np2.mid,wild\nnot-there.mid,calm\n")
+    out = tmp_path / "data"
+    assert main(["prepare", str(root), "--out", str(out), "--labels", str(labels), "--quiet"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert {p["path"]: p["label"] for p in meta["pieces"]} == {
+        "p0.mid": "calm",
+        "p1.mid": None,
+        "p2.mid": "wild",
+    }
+    assert meta["label_source"] == str(labels)
+    for bad, message in [
+        ("path;label\np0.mid;x\n", "needs a header with columns path,label"),
+        (None, "cannot read"),
+    ]:
+        target = tmp_path / "bad.csv"
+        target.unlink(missing_ok=True)
+        if bad is not None:
+            target.write_text(bad)
+        assert (
+            main(["prepare", str(root), "--out", str(tmp_path / "d2"), "--labels", str(target), "--quiet"])
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert message in err and "bad.csv" in err
+        assert not (tmp_path / "d2").exists()  # nothing written
 
 
 def test_hash_split_is_stable_and_roughly_proportional(tmp_path):
@@ -195,6 +250,11 @@ def test_prepare_all_asap(asap_dir, tmp_path):
     assert result.usable == 1067 and not result.skipped
     assert result.split_method == "ASAP piece folder"
     assert min(result.pieces.values()) > 50
+    # Composers from metadata.csv: ASAP's folders are Composer/Work/...
+    meta = json.loads((tmp_path / "asap" / "meta.json").read_text())
+    assert all(p["label"] == p["path"].split("/")[0] for p in meta["pieces"])
+    assert {"Bach", "Beethoven", "Chopin", "Liszt", "Schubert"} <= set(meta["labels"])
+    assert sum(sum(c.values()) for c in meta["labels"].values()) == 1067
 
 
 def test_no_midi_or_not_a_folder_writes_nothing(tmp_path, capsys):

@@ -84,7 +84,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.split is not None:
         cfg.prepare.split = args.split
     try:
-        result = prepare(args.midi_dir, args.out, cfg.prepare, cfg.tokenizer, progress=not args.quiet)
+        result = prepare(
+            args.midi_dir, args.out, cfg.prepare, cfg.tokenizer, progress=not args.quiet, labels=args.labels
+        )
     except FileNotFoundError as e:
         return _fail(str(e))
     except PrepareError as e:
@@ -530,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("midi_dir", metavar="MIDI_DIR")
     p.add_argument("--out", required=True, metavar="DATA_DIR")
     p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    p.add_argument(
+        "--labels",
+        metavar="FILE.csv",
+        help="a label per piece (path,label; paths relative to MIDI_DIR); default: the composer from "
+        "ASAP's metadata.csv or a MAESTRO CSV where the folder has one",
+    )
     p.add_argument(
         "--split",
         choices=["auto", "maestro", "asap", "hash"],

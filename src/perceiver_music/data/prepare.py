@@ -59,6 +59,8 @@ class PrepareResult:
     elapsed: float
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. an empty valid or test split
+    labels: dict[str, int] = field(default_factory=dict)  # label -> pieces
+    label_source: str | None = None
 
     @property
     def usable(self) -> int:
@@ -73,6 +75,9 @@ class PrepareResult:
             f"  read {self.encoded} files, reused {self.reused} from the previous run, "
             f"in {self.elapsed:.1f} s"
         )
+        if self.labels:
+            shown = ", ".join(f"{name} {n}" for name, n in sorted(self.labels.items(), key=lambda x: -x[1]))
+            lines.append(f"  labels from {self.label_source}: {shown}")
         lines.extend(f"  note: {n}" for n in self.notes)
         lines.extend(skipped_lines(self.skipped))
         return "\n".join(lines)
@@ -165,6 +170,54 @@ def assign_splits(
     return {rel: _hash_split(rel, cfg) for rel in rel_paths}, "hash of path", notes
 
 
+def assign_labels(
+    root: Path, rel_paths: list[str], labels_csv: str | os.PathLike | None = None
+) -> tuple[dict[str, str | None], str | None, list[str]]:
+    """rel path -> label (the composer, or a user's label; None: unlabelled), where they came
+    from, and notes for the user.
+
+    A user CSV (`path,label`, paths relative to the folder) wins; else ASAP's metadata.csv
+    (`composer`), else a MAESTRO CSV (`canonical_composer`); else every piece is unlabelled.
+    """
+    notes: list[str] = []
+    if labels_csv is not None:
+        listed, source = _read_labels_csv(Path(labels_csv)), str(labels_csv)
+    elif (asap := _asap_metadata(root)) is not None and "composer" in _csv_header(asap):
+        with open(asap, newline="") as f:
+            listed = {row["midi_performance"]: row["composer"] for row in csv.DictReader(f)}
+        source = "ASAP metadata.csv (composer)"
+    elif (maestro := _maestro_csv(root)) is not None and "canonical_composer" in _csv_header(maestro):
+        with open(maestro, newline="") as f:
+            listed = {row["midi_filename"]: row["canonical_composer"] for row in csv.DictReader(f)}
+        source = f"{maestro.name} (canonical_composer)"
+    else:
+        return dict.fromkeys(rel_paths), None, notes
+    out = {rel: (listed.get(rel) or "").strip() or None for rel in rel_paths}
+    unlabelled = sum(v is None for v in out.values())
+    if unlabelled:
+        notes.append(f"{unlabelled} of {len(rel_paths)} files have no label in {source}")
+    return out, source, notes
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def _read_labels_csv(path: Path) -> dict[str, str]:
+    """A user's `path,label` CSV; PrepareError naming the file when it cannot be used."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"path", "label"} <= set(reader.fieldnames or []):
+                raise PrepareError(f"{path}: a labels CSV needs a header with columns path,label")
+            return {row["path"]: row["label"] for row in reader if row.get("path")}
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read the labels CSV: {e.strerror or e}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise PrepareError(f"{path}: not a readable CSV ({e})") from None
+
+
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -229,8 +282,11 @@ def prepare(
     cfg: PrepareConfig | None = None,
     tokenizer: TokenizerConfig | None = None,
     progress: bool | None = None,
+    labels: str | os.PathLike | None = None,
 ) -> PrepareResult:
     """Tokenize every MIDI file under `midi_dir` into per-split arrays in `out_dir`.
+
+    Each piece gets a label (see `assign_labels`; `labels` names a user's path,label CSV).
 
     Bad files are skipped and reported with their reason; good ones are never lost. Raises
     FileNotFoundError if `midi_dir` does not exist, and PrepareError if it is not a folder, holds
@@ -254,6 +310,8 @@ def prepare(
         raise PrepareError(f"{root}: no MIDI files (.mid, .midi) found; nothing written")
     rels = [f.relative_to(root).as_posix() for f in files]
     split_of, method, notes = assign_splits(root, rels, cfg)
+    label_of, label_source, label_notes = assign_labels(root, rels, labels)
+    notes += label_notes
     tok_cfg = dataclasses.asdict(tokenizer)
     previous, old_arrays = _previous_run(out, tok_cfg)
 
@@ -308,6 +366,7 @@ def prepare(
                 "length": len(ids),
                 "seconds": round(seconds, 3),
                 "notes": n_notes,
+                "label": label_of[rel],
                 "stamp": stamps[rel],
             }
         )
@@ -339,6 +398,10 @@ def prepare(
         atomic_save_npy(out / f"{s}.index.npy", index.reshape(-1, 2))
 
     vocab = PerformanceTokenizer(tokenizer).vocab
+    label_counts = {
+        name: {s: sum(p["label"] == name and p["split"] == s for p in pieces) for s in SPLITS}
+        for name in sorted({p["label"] for p in pieces if p["label"] is not None})
+    }
     meta = {
         "format_version": FORMAT_VERSION,
         "source": str(root.resolve()),
@@ -349,6 +412,8 @@ def prepare(
         "counts": {
             s: {"pieces": counts[s], "tokens": offsets[s], "seconds": round(seconds[s], 1)} for s in SPLITS
         },
+        "label_source": label_source,
+        "labels": label_counts,
         "pieces": pieces,
         "skipped": skipped,
     }
@@ -368,6 +433,8 @@ def prepare(
         elapsed=time.perf_counter() - t0,
         notes=notes,
         warnings=warnings,
+        labels={name: sum(c.values()) for name, c in label_counts.items()},
+        label_source=label_source,
     )
 
 
