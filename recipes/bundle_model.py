@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from perceiver_music.evaluate.sets import table_one
+from perceiver_music.evaluate.sets import table_one, validity_table
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "src" / "perceiver_music" / "bundled"
@@ -150,12 +150,22 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         f"- best validation NLL during training (sampled windows): {t['best']['val_nll']:.4f} nats/token "
         f"at step {t['best']['step']}",
         "",
+        *(
+            ["![training loss and validation NLL](training_curve.png)", ""]
+            if (main / "loss.png").is_file()
+            else []
+        ),
         "## Results on the held-out ASAP pieces",
         "",
         "Every token of every held-out piece scored with the model's full context (stride = latents),",
         "`perceiver-music evaluate --ckpt ... --data data/asap --split valid|test`. The baseline is a",
         "Perceiver AR (one full cross-attention, baseline segmentation) trained with the same recipe,",
-        f"data, seed and step budget ({tb['steps']:,} steps, {tb['hours']:.2f} h).",
+        f"data and seed ({tb['steps']:,} steps, {tb['hours']:.2f} h"
+        + (
+            f"; a smaller budget than this model's {t['steps']:,}, so compare with care)."
+            if tb["steps"] < t["steps"]
+            else ", the same budget)."
+        ),
         "",
         "| model | valid NLL nats/token | valid, tokens 1-1,023 | test NLL nats/token | test, tokens 1-1,023 |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -205,6 +215,23 @@ def card(runs: Path, data: Path, hardware: str) -> str:
                 for n in names
             ],
         ]
+    validity = _json(ev / "validity" / "metrics.json")
+    if validity is not None:
+        lines += [
+            "",
+            "## Does it play the keyboard? Event validity",
+            "",
+            "8 pieces of 45 s from each model (`generate --num 8 --seconds 45 --seed 5`), with generate's",
+            "defaults (the keyboard mask on: no NOTE_OFF of a silent pitch, no NOTE_ON of a sounding one)",
+            "and with `--no-keyboard-mask`, which shows what the model itself learned. `old` is the model",
+            "this one replaced. Counted on the emitted tokens; the reference is the test performances.",
+            "",
+            *validity_table(validity["sets"])[2:],
+            "",
+            "The same pieces on the metric suite against the test performances:",
+            "",
+            *table_one(validity),
+        ]
     lines += [
         "",
         "## Retrain",
@@ -250,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     BUNDLED.mkdir(exist_ok=True)
     for name in ("model.safetensors", "config.json", "info.json"):
         shutil.copyfile(best / name, BUNDLED / name)
+    if (args.runs / "perceivers" / "loss.png").is_file():
+        shutil.copyfile(args.runs / "perceivers" / "loss.png", BUNDLED / "training_curve.png")
     (BUNDLED / "MODEL_CARD.md").write_text(text)
     print(f"bundled {weights} ({weights.stat().st_size / 1e6:.1f} MB) into {BUNDLED}")
     return 0

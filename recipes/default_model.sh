@@ -6,6 +6,8 @@
 #   bash recipes/default_model.sh                 # both models, then evaluate them
 #   STEPS=300 bash recipes/default_model.sh       # a shorter budget
 #   THREADS=1 PARALLEL=1 bash ...                 # train the two side by side, a core each
+#   BASELINE_STEPS=4000 bash ...                  # the baseline on a smaller budget (the card says so)
+#   OLD=runs/old_bundled bash ...                 # also measure the model being replaced (validity table)
 #
 # Runs on CPU or on a GPU when one is visible (train.precision=auto uses bf16 there).
 # When it is done, `python recipes/bundle_model.py runs/default/perceivers` copies the weights
@@ -17,6 +19,8 @@ ASAP=${ASAP:-../shared/data/asap}
 DATA=${DATA:-data/asap}
 OUT=${OUT:-runs/default}
 STEPS=${STEPS:-1800}
+BASELINE_STEPS=${BASELINE_STEPS:-$STEPS}
+OLD=${OLD:-}
 THREADS=${THREADS:-}
 PARALLEL=${PARALLEL:-0}
 
@@ -26,25 +30,26 @@ bash scripts/setup.sh >/dev/null
 
 perceiver-music prepare "$ASAP" --out "$DATA"
 
-common=(--config asap_cpu --data "$DATA" "train.steps=$STEPS" train.eval_every=300 train.eval_windows=128
+common=(--config asap_cpu --data "$DATA" train.eval_every=300 train.eval_windows=128
         train.ckpt_every=300 train.seed=0)
-run() {  # name, overrides...
-    local name=$1; shift
-    if [ -d "$OUT/$name/checkpoints/step_$(printf %07d "$STEPS")" ]; then
-        echo "$OUT/$name: already trained to step $STEPS"
+run() {  # name, steps, overrides...
+    local name=$1 steps=$2; shift 2
+    if [ -d "$OUT/$name/checkpoints/step_$(printf %07d "$steps")" ]; then
+        echo "$OUT/$name: already trained to step $steps"
         return
     fi
     if [ -e "$OUT/$name/config.json" ]; then resume=(--resume); else resume=(); fi
-    perceiver-music train "${common[@]}" --out "$OUT/$name" "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
+    perceiver-music train "${common[@]}" "train.steps=$steps" --out "$OUT/$name" "${resume[@]}" "$@" \
+        > "$OUT/$name.log" 2>&1
 }
 mkdir -p "$OUT"
 if [ "$PARALLEL" = 1 ]; then
-    run perceivers & a=$!
-    run perceiver_ar 'model.scales=[full]' data.segmentation=baseline & b=$!
+    run perceivers "$STEPS" & a=$!
+    run perceiver_ar "$BASELINE_STEPS" 'model.scales=[full]' data.segmentation=baseline & b=$!
     wait $a; wait $b
 else
-    run perceivers
-    run perceiver_ar 'model.scales=[full]' data.segmentation=baseline
+    run perceivers "$STEPS"
+    run perceiver_ar "$BASELINE_STEPS" 'model.scales=[full]' data.segmentation=baseline
 fi
 
 # Likelihood on the held-out pieces, every token with full context.
@@ -93,5 +98,20 @@ for entry in "${settings[@]}"; do
     dirs+=("$OUT/sampling/$name")
 done
 perceiver-music evaluate --generated "${dirs[@]}" --reference "$OUT/reference-test" --out "$OUT/eval/sampling" --no-plots
+
+# Event validity as a listener meets it: 8 pieces of 45 s with generate's defaults (the keyboard
+# mask on) and without the mask, from this model and, with OLD=CKPT, from the one it replaces.
+validity=() names=()
+for model in new ${OLD:+old}; do
+    ckpt="$OUT/perceivers"; [ "$model" = old ] && ckpt=$OLD
+    for mode in masked free; do
+        flag=(); [ "$mode" = free ] && flag=(--no-keyboard-mask)
+        perceiver-music generate --ckpt "$ckpt" --out "$OUT/validity/$model-$mode" --num 8 --seconds 45 \
+            --seed 5 --quiet --no-render "${flag[@]}"
+        validity+=("$OUT/validity/$model-$mode") names+=("$model-$mode")
+    done
+done
+perceiver-music evaluate --generated "${validity[@]}" --names "$(IFS=,; echo "${names[*]}")" \
+    --reference "$OUT/reference-test" --out "$OUT/eval/validity" --no-plots
 
 echo "done: python recipes/bundle_model.py copies the PerceiverS model into the package"

@@ -40,10 +40,35 @@ def test_bundle_recipe_writes_weights_and_a_card_with_the_measured_figures(tiny_
         for split in ("valid", "test"):  # the tiny data set has no test pieces: valid stands in
             meta = {"checkpoint": name, "data": "data", "split": split, "stride": "num_latents"}
             write_likelihood(result, runs / "eval" / f"{name}-{split}", meta)
+    from perceiver_music.evaluate.sets import evaluate_sets
+    from perceiver_music.generate import generate_midi
+    from perceiver_music.sample import SamplingConfig
+
+    for mode in ("masked", "free"):  # the recipe's validity stage, small
+        sampling = SamplingConfig(keyboard=mode == "masked")
+        generate_midi(
+            runs / "perceivers",
+            runs / "validity" / f"new-{mode}",
+            num=2,
+            tokens=60,
+            sampling=sampling,
+            progress=False,
+            render=False,
+        )
+    evaluate_sets(
+        [runs / "validity" / "new-masked", runs / "validity" / "new-free"],
+        tiny_run / "midi",
+        runs / "eval" / "validity",
+        plots=False,
+    )
     recipe = load_recipe()
     monkeypatch.setattr(recipe, "BUNDLED", tmp_path / "bundled")
     assert recipe.main(["--runs", str(runs), "--data", str(tiny_run / "data")]) == 0
     card = (tmp_path / "bundled" / "MODEL_CARD.md").read_text()
+    assert "## Does it play the keyboard? Event validity" in card
+    assert "| new-masked | tokens | 0.0 % | 0.0 % |" in card and "| new-free | tokens |" in card
+    assert "new-free KLD" in card  # the metric suite of the same pieces
+    assert (tmp_path / "bundled" / "training_curve.png").is_file() and "(training_curve.png)" in card
     measured = json.loads((runs / "eval" / "perceivers-test" / "likelihood.json").read_text())
     assert f"{measured['nats_per_token']:.4f}" in card
     assert "CC BY-NC-SA 4.0" in card and "steps" in card
