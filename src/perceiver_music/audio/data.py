@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from perceiver_music.config import AudioPrepareConfig, PrepareConfig
-from perceiver_music.data.prepare import SPLITS, _csv_row, _file_stamp, _hash_split, _progress, skipped_lines
+from perceiver_music.data.prepare import (
+    SPLITS,
+    csv_row,
+    file_stamp,
+    hash_split,
+    progress_files,
+    skipped_lines,
+)
 from perceiver_music.files import atomic_save_npy, atomic_write_text
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3")
@@ -261,7 +268,7 @@ def prepare_audio(
     files = find_audio(root)
     rels = [f.relative_to(root).as_posix() for f in files]
     notes: list[str] = []
-    split_of = {rel: listed.get(str(Path(rel).with_suffix(""))) or _hash_split(rel, split) for rel in rels}
+    split_of = {rel: listed.get(str(Path(rel).with_suffix(""))) or hash_split(rel, split) for rel in rels}
     if splits_from is not None:
         method = f"the MIDI data in {splits_from}"
         unmatched = sum(str(Path(rel).with_suffix("")) not in listed for rel in rels)
@@ -271,10 +278,10 @@ def prepare_audio(
         method = "hash of path"
     previous, old_arrays = _previous_run(out, cfg.sample_rate)
 
-    stamps = {rel: _file_stamp(f) for f, rel in zip(files, rels)}
+    stamps = {rel: file_stamp(f) for f, rel in zip(files, rels)}
     results: dict[str, np.ndarray | str] = {}  # rel -> PCM, or the reason it was skipped
     reused = 0
-    for f, rel in _progress(list(zip(files, rels)), len(files), progress):
+    for f, rel in progress_files(list(zip(files, rels)), len(files), progress, "prepare-audio"):
         old = previous.get(rel)
         if old is not None and old.get("stamp") == stamps[rel]:
             reused += 1
@@ -340,7 +347,7 @@ def prepare_audio(
         "skipped": skipped,
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
-    lines = ["path,reason"] + [_csv_row(s["path"], s["reason"]) for s in skipped]
+    lines = ["path,reason"] + [csv_row(s["path"], s["reason"]) for s in skipped]
     atomic_write_text(out / "skipped.csv", "\n".join(lines) + "\n")
     return AudioPrepareResult(
         out_dir=out,

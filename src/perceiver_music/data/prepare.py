@@ -108,7 +108,8 @@ def _hash_unit(key: str) -> float:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
 
 
-def _hash_split(key: str, cfg: PrepareConfig) -> str:
+def hash_split(key: str, cfg: PrepareConfig) -> str:
+    """A stable split for `key` (a path or piece folder) in the configured proportions."""
     u = _hash_unit(key)
     if u < cfg.test_fraction:
         return "test"
@@ -152,7 +153,7 @@ def assign_splits(
             listed = {row["midi_filename"]: names.get(row["split"], "train") for row in csv.DictReader(f)}
         out = {}
         for rel in rel_paths:
-            out[rel] = listed.get(rel) or _hash_split(rel, cfg)
+            out[rel] = listed.get(rel) or hash_split(rel, cfg)
         unlisted = sum(rel not in listed for rel in rel_paths)
         if unlisted:
             notes.append(f"{unlisted} files not in {maestro.name} were split by hash of their path")
@@ -165,9 +166,9 @@ def assign_splits(
         unlisted = sum(rel not in folder_of for rel in rel_paths)
         if unlisted:
             notes.append(f"{unlisted} files not in metadata.csv were split by their own folder")
-        out = {rel: _hash_split(folder_of.get(rel, str(Path(rel).parent)), cfg) for rel in rel_paths}
+        out = {rel: hash_split(folder_of.get(rel, str(Path(rel).parent)), cfg) for rel in rel_paths}
         return out, "ASAP piece folder", notes
-    return {rel: _hash_split(rel, cfg) for rel in rel_paths}, "hash of path", notes
+    return {rel: hash_split(rel, cfg) for rel in rel_paths}, "hash of path", notes
 
 
 def assign_labels(
@@ -248,7 +249,8 @@ def _worker_tokenizer(tok_cfg: dict) -> PerformanceTokenizer:
     return _TOKENIZER_CACHE[key]
 
 
-def _file_stamp(path: Path) -> list[int]:
+def file_stamp(path: Path) -> list[int]:
+    """Size and modification time: a re-run reuses a file whose stamp is unchanged."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
 
@@ -270,10 +272,11 @@ def _previous_run(out_dir: Path, tok_cfg: dict) -> tuple[dict[str, dict], dict[s
     return records, arrays
 
 
-def _progress(items: Iterable, total: int, show: bool):
+def progress_files(items: Iterable, total: int, show: bool, desc: str = "prepare"):
+    """A progress bar over files (prepare and prepare-audio)."""
     from perceiver_music.progress import progress_bar
 
-    return progress_bar(items, total=total, desc="prepare", unit="file", enabled=show)
+    return progress_bar(items, total=total, desc=desc, unit="file", enabled=show)
 
 
 def prepare(
@@ -316,7 +319,7 @@ def prepare(
     previous, old_arrays = _previous_run(out, tok_cfg)
 
     results: dict[str, tuple[np.ndarray | None, str | None, float, int]] = {}
-    stamps = {rel: _file_stamp(f) for f, rel in zip(files, rels)}
+    stamps = {rel: file_stamp(f) for f, rel in zip(files, rels)}
     todo = []
     for f, rel in zip(files, rels):
         old = previous.get(rel)
@@ -341,10 +344,10 @@ def prepare(
             with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
                 chunk = max(1, min(16, len(todo) // (workers * 8)))
                 done = pool.map(_encode_one, todo, chunksize=chunk)
-                for rel, ids, reason, seconds, n_notes in _progress(done, len(todo), progress):
+                for rel, ids, reason, seconds, n_notes in progress_files(done, len(todo), progress):
                     results[rel] = (_with_bos_eos(ids), reason, seconds, n_notes)
         else:
-            for item in _progress(todo, len(todo), progress):
+            for item in progress_files(todo, len(todo), progress):
                 rel, ids, reason, seconds, n_notes = _encode_one(item)
                 results[rel] = (_with_bos_eos(ids), reason, seconds, n_notes)
 
@@ -418,7 +421,7 @@ def prepare(
         "skipped": skipped,
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
-    lines = ["path,reason"] + [_csv_row(s["path"], s["reason"]) for s in skipped]
+    lines = ["path,reason"] + [csv_row(s["path"], s["reason"]) for s in skipped]
     atomic_write_text(out / "skipped.csv", "\n".join(lines) + "\n")
 
     return PrepareResult(
@@ -447,7 +450,8 @@ def _with_bos_eos(ids: np.ndarray | None) -> np.ndarray | None:
     return out
 
 
-def _csv_row(*fields: str) -> str:
+def csv_row(*fields: str) -> str:
+    """One CSV line, quoted as needed (paths may hold commas)."""
     import io
 
     buf = io.StringIO()
