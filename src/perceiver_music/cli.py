@@ -271,6 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # Every setting is checked before torch and the model load.
     try:
+        pitch_range = _pitch_range(args.pitch_range)
         check_generate(
             num=args.num,
             tokens=args.tokens,
@@ -283,7 +284,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             min_p=args.min_p,
-            pitch_range=_pitch_range(args.pitch_range),
+            pitch_range=pitch_range,
         )
     except ValueError as e:
         return _fail(str(e))
@@ -303,13 +304,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.top_p,
         args.min_p,
         keyboard=not args.no_keyboard_mask,
-        pitch_range=_pitch_range(args.pitch_range),
+        pitch_range=pitch_range,
     )
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     try:
         result = generate_midi(
             args.ckpt,
@@ -373,7 +370,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not (Path(args.data) / "meta.json").is_file():
         return _fail(f"{args.data}: not a prepared data folder (no meta.json; run `perceiver-music prepare`)")
     if not (Path(args.data) / f"{args.split}.npy").is_file():
-        found = [s for s in ("train", "valid", "test") if (Path(args.data) / f"{s}.npy").is_file()]
+        from perceiver_music.data.prepare import SPLITS
+
+        found = [s for s in SPLITS if (Path(args.data) / f"{s}.npy").is_file()]
         return _fail(f"{args.data}: no split {args.split!r} (it has: {', '.join(found) or 'none'})")
     try:
         buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip()) if args.buckets else ()

@@ -163,14 +163,15 @@ def generate_midi(
         new = row[len(ids) :]
         lengths.append(len(new))
         durations.append(float(decoded.end.max()) / tok.cfg.steps_per_second if len(decoded) else 0.0)
+        new_steps = int(tok.vocab.shift_steps(new).sum())  # how far the continuation moved time
         if len(new) and new[-1] == EOS:
             stopped.append("eos")
-        elif time_steps is not None and tok.vocab.shift_steps(new).sum() >= time_steps:
+        elif time_steps is not None and new_steps >= time_steps:
             stopped.append("seconds")
         else:
             stopped.append("tokens")
             if capped:
-                music = tok.vocab.shift_steps(new).sum() / tok.cfg.steps_per_second
+                music = new_steps / tok.cfg.steps_per_second
                 warnings.append(
                     f"{path.name}: cut at the safety cap of {tokens:,} tokens after {music:.1f} s of the "
                     f"{seconds:g} s asked for (the model is writing notes without moving on in time); "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 from perceiver_music.config import check_precision
+from perceiver_music.tokens.performance import NUM_PITCHES
 
 CAP_TOKENS_PER_SECOND = 250
 CAP_EXTRA_TOKENS = 1024
@@ -22,7 +23,6 @@ MAX_TOKENS = 10_000_000  # per piece: far beyond any piece, well within memory
 MAX_SECONDS = (MAX_TOKENS - CAP_EXTRA_TOKENS) // CAP_TOKENS_PER_SECOND
 AUDIO_FORMATS = ("wav", "flac")
 PIANO = (21, 108)  # A0..C8: the keyboard's pitches, the keyboard mask's default range
-NUM_PITCHES = 128
 
 
 def check_sampling(

@@ -87,20 +87,8 @@ def _capped(ids: np.ndarray, ev, start: int, cap: int, tok: PerformanceTokenizer
     steps before the stream's end (the others are cut by the end of the piece)."""
     step = np.cumsum(tok.vocab.shift_steps(ids))
     final = int(step[-1]) if len(step) else 0
-    # The decoder pairs FIFO (the k-th valid NOTE_OFF of a pitch closes its k-th NOTE_ON), so
-    # a pitch's unclosed onsets are its last ones.
-    capped = 0
-    valid_off = ~ev.on & ~ev.stray_off
-    for g, first in enumerate(ev.group_start):
-        last = ev.group_start[g + 1] if g + 1 < len(ev.group_start) else len(ev.pitch)
-        ons = np.flatnonzero(ev.on[first:last]) + first
-        unclosed = len(ons) - int(valid_off[first:last].sum())
-        if unclosed <= 0:
-            continue
-        for i in ons[len(ons) - unclosed :]:
-            if ev.pos[i] >= start and final - step[ev.pos[i]] >= cap:
-                capped += 1
-    return capped
+    begun = ev.pos[ev.unclosed_on & (ev.pos >= start)]
+    return int((final - step[begun] >= cap).sum())
 
 
 def summarise(pieces: list[PieceValidity], notes: list[Notes], sps: int) -> dict:

@@ -559,6 +559,14 @@ class NoteEvents:
         """NOTE_ONs of a pitch that is already sounding."""
         return self.on & (self.open_before > 0)
 
+    @property
+    def unclosed_on(self) -> np.ndarray:
+        """NOTE_ONs no NOTE_OFF closes. The decoder pairs first in, first out (the k-th valid
+        NOTE_OFF of a pitch closes its k-th NOTE_ON), so they are each pitch's last onsets."""
+        on_rank = _rank_within(self.on, self.group_id, self.group_start)
+        closing = np.bincount(self.group_id[~self.on & ~self.stray_off], minlength=len(self.group_start))
+        return self.on & (on_rank >= closing[self.group_id])
+
     def sounding_at_end(self) -> np.ndarray:
         """[128] how many notes of each pitch are still sounding after the last event."""
         counts = np.zeros(NUM_PITCHES, np.int64)
