@@ -90,3 +90,27 @@ def tiny_run(tmp_path_factory) -> Path:
     )
     train(cfg, root / "data", root / "run", progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(tiny_run, tmp_path_factory) -> Path:
+    """A tiny run with a checkpoint at every step (steps 1-3, all kept), trained once: read it
+    as it is, or copy it before damaging it."""
+    from perceiver_music.cli import main
+
+    run = tmp_path_factory.mktemp("checkpointed") / "run"
+    tiny = [
+        "model.max_len=64",
+        "model.num_latents=16",
+        "model.width=32",
+        "model.layers=1",
+        "model.scales=[full, 16]",
+        "train.batch_size=2",
+        "train.ckpt_every=1",
+        "train.eval_every=3",
+        "train.keep_last=3",
+        "train.steps=3",
+    ]
+    args = ["train", "--config", "debug", "--data", str(tiny_run / "data"), "--out", str(run), "--quiet"]
+    assert main([*args, *tiny]) == 0
+    return run

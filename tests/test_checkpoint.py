@@ -14,32 +14,10 @@ from perceiver_music import checkpoint
 from perceiver_music.checkpoint import CheckpointError, load_model, load_tensors, save_tensors
 from perceiver_music.cli import main
 
-# A tiny run with a checkpoint at every step (steps 1-3, all kept), trained once per module.
-TINY = [
-    "model.max_len=64",
-    "model.num_latents=16",
-    "model.width=32",
-    "model.layers=1",
-    "model.scales=[full, 16]",
-    "train.batch_size=2",
-    "train.ckpt_every=1",
-    "train.eval_every=3",
-    "train.keep_last=3",
-    "train.steps=3",
-]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_run, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ckpt") / "run"
-    args = ["train", "--config", "debug", "--data", str(tiny_run / "data"), "--out", str(run), "--quiet"]
-    assert main([*args, *TINY]) == 0
-    return run
-
 
 @pytest.fixture
-def run(trained, tmp_path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "run"))
+def run(checkpointed_run, tmp_path) -> Path:
+    return Path(shutil.copytree(checkpointed_run, tmp_path / "run"))
 
 
 def truncate(path: Path) -> str:
@@ -103,8 +81,8 @@ def test_generate_and_evaluate_name_the_damaged_file(run, tiny_run, tmp_path, ca
     assert not (tmp_path / "g").exists()
 
 
-def test_bit_flips_anywhere_in_the_tensors_are_caught(trained, tmp_path):
-    source = trained / "best" / "model.safetensors"
+def test_bit_flips_anywhere_in_the_tensors_are_caught(checkpointed_run, tmp_path):
+    source = checkpointed_run / "best" / "model.safetensors"
     size = source.stat().st_size
     for k, offset in enumerate(range(size // 3, size, size // 7)):
         path = tmp_path / f"m{k}.safetensors"
@@ -115,14 +93,14 @@ def test_bit_flips_anywhere_in_the_tensors_are_caught(trained, tmp_path):
             load_tensors(path)
 
 
-def test_a_file_without_a_checksum_is_still_read(trained, tmp_path):
+def test_a_file_without_a_checksum_is_still_read(checkpointed_run, tmp_path):
     from safetensors.torch import save_file
 
-    tensors = load_tensors(trained / "best" / "model.safetensors")
+    tensors = load_tensors(checkpointed_run / "best" / "model.safetensors")
     folder = tmp_path / "old"
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))  # as written before checksums
-    shutil.copy(trained / "best" / "config.json", folder)
+    shutil.copy(checkpointed_run / "best" / "config.json", folder)
     model, _ = load_model(folder)
     assert torch.equal(model.state_dict()[sorted(tensors)[0]], tensors[sorted(tensors)[0]])
 

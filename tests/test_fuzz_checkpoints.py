@@ -16,17 +16,8 @@ import torch
 
 from perceiver_music.checkpoint import load_tensors, save_tensors
 from perceiver_music.cli import main
-from test_checkpoint import TINY
 
 CASES = 20  # damaged runs, each through the three commands
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_run, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("fuzz_ckpt") / "run"
-    args = ["train", "--config", "debug", "--data", str(tiny_run / "data"), "--out", str(run), "--quiet"]
-    assert main([*args, *TINY]) == 0
-    return run
 
 
 def _targets(run: Path) -> list[Path]:
@@ -77,10 +68,10 @@ def damage(path: Path, rng: random.Random) -> str:
 
 
 @pytest.mark.slow
-def test_damaged_checkpoints_never_give_a_traceback(trained, tiny_run, tmp_path, capsys):
+def test_damaged_checkpoints_never_give_a_traceback(checkpointed_run, tiny_run, tmp_path, capsys):
     rng = random.Random(14)
     for case in range(CASES):
-        run = Path(shutil.copytree(trained, tmp_path / f"run{case}"))
+        run = Path(shutil.copytree(checkpointed_run, tmp_path / f"run{case}"))
         targets = _targets(run)
         what = [damage(path, rng) for path in rng.sample(targets, rng.randint(1, 2))]
         commands = [
