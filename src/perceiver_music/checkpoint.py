@@ -17,6 +17,10 @@ Every safetensors file written here carries a CRC-32 of its tensors in its metad
 damaged after it was written (cut short, a flipped bit) is refused with its name, as are
 weights holding NaN or Inf and weights that do not fit their config (CheckpointError). Files
 without a checksum (written before it was added) are still read.
+
+torch and safetensors are imported by the functions that need them: finding a checkpoint and
+reading its config (`resolve`, `read_config`) stay cheap for commands that check settings
+before any model loads.
 """
 
 from __future__ import annotations
@@ -27,14 +31,13 @@ import re
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from perceiver_music.config import Config, ConfigError, from_dict
 from perceiver_music.files import default_mode
+
+if TYPE_CHECKING:
+    import torch
 
 STEP_PREFIX = "step_"
 STEP_DIR = re.compile(rf"{STEP_PREFIX}\d+")  # published checkpoints (not .tmp, not .damaged)
@@ -47,6 +50,8 @@ class CheckpointError(ValueError):
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    import torch
+
     crc = 0
     for name in sorted(tensors):
         crc = zlib.crc32(name.encode(), crc)
@@ -55,6 +60,8 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={CHECKSUM_KEY: _checksum(tensors)})
     os.chmod(path, default_mode())  # save_file creates 0600; outputs follow the umask
@@ -63,6 +70,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, on the CPU, checked: readable, its checksum (when it
     has one) intact, every floating-point value finite."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
@@ -118,6 +129,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """optimizer.state_dict() -> tensors by 'state.<param>.<name>' and the JSON-able rest."""
+    import torch
+
     tensors, scalars = {}, {}
     for idx, per_param in state["state"].items():
         for name, value in per_param.items():
@@ -140,6 +153,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    import torch
+
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -148,6 +163,8 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
@@ -260,6 +277,59 @@ def read_training_state(ckpt: Path, model, optimizer, rank: int) -> dict:
         raise CheckpointError(f"{optimizer_file} does not fit the model: {e}") from None
     if rng is not None:
         set_rng_state(rng)
+    return trainer
+
+
+def training_checkpoint(path: str | os.PathLike) -> Path:
+    """A training checkpoint (checkpoints/step_N with trainer.json) from itself or its run folder."""
+    path = Path(path)
+    if (path / "trainer.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (no trainer.json) nor a run with checkpoints/"
+        )
+    return latest
+
+
+def read_branch_state(ckpt: Path, model, optimizer, names: list[str], rank: int) -> dict:
+    """Start `model` from another run's checkpoint whose model it extends (conditioning added):
+    every tensor of the checkpoint is loaded, the model's new ones keep their initialisation,
+    the optimizer state follows each parameter by name. names: the model's parameters in the
+    optimizer's order. Returns trainer.json."""
+    trainer_file = ckpt / "trainer.json"
+    try:
+        trainer = json.loads(trainer_file.read_text())
+        optimizer_rest = trainer["optimizer"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{trainer_file}: damaged ({type(e).__name__}: {e})") from None
+    weights_file = ckpt / "model.safetensors"
+    weights = load_tensors(weights_file)
+    expected = model.state_dict()
+    wrong = [n for n, w in weights.items() if n not in expected or expected[n].shape != w.shape]
+    new = [n for n in expected if n not in weights]
+    if wrong or any(not n.startswith("conditioner.") for n in new):
+        bad = wrong[0] if wrong else next(n for n in new if not n.startswith("conditioner."))
+        raise CheckpointError(
+            f"--branch: {weights_file} is not the model of this config without its conditioning "
+            f"(e.g. {bad}); only model.condition and its settings may differ"
+        )
+    old_names = [n for n in names if n in weights]  # the source optimizer numbered these
+    state = _unflatten_optimizer(load_tensors(ckpt / "optimizer.safetensors"), optimizer_rest)["state"]
+    if len(old_names) != sum(len(g["params"]) for g in optimizer_rest["param_groups"]):
+        raise CheckpointError(f"--branch: {ckpt / 'optimizer.safetensors'} does not fit the model")
+    index = {n: i for i, n in enumerate(names)}
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: state[i] for i, n in enumerate(old_names) if i in state},
+            "param_groups": optimizer.state_dict()["param_groups"],
+        }
+    )
+    rng_file = ckpt / f"rng_rank{rank}.safetensors"
+    if rng_file.is_file():
+        set_rng_state(load_tensors(rng_file))
     return trainer
 
 

@@ -224,6 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # The run's own config, unless the same command is given again; the model and data
         # must not change under a run, the training schedule may (e.g. more steps).
         cfg = load_config(args.config or saved, args.overrides)
+        if cfg.model.conditioned_on("label") and not cfg.model.labels:
+            cfg.model.labels = list(before.model.labels)  # filled from the data when the run began
         changed = [
             s for s in ("model", "data", "tokenizer", "codec") if getattr(cfg, s) != getattr(before, s)
         ]
@@ -244,7 +246,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from perceiver_music.train import train
 
     try:
-        result = train(cfg, args.data, run_dir, resume=args.resume, progress=not args.quiet)
+        result = train(
+            cfg, args.data, run_dir, resume=args.resume, progress=not args.quiet, branch=args.branch
+        )
     except CheckpointError as e:
         return _fail(str(e))
     if os.environ.get("RANK", "0") != "0" or result.already_finished:
@@ -264,6 +268,34 @@ def _pitch_range(text: str) -> tuple[int, int]:
     if not sep or not low.strip().isdigit() or not high.strip().isdigit():
         raise ValueError(f"--pitch-range must be LOW-HIGH in MIDI pitches, e.g. 21-108, got {text!r}")
     return int(low), int(high)
+
+
+def _check_conditioning(args: argparse.Namespace) -> str | None:
+    """What is wrong with --composer / --style / --guidance for the checkpoint, read from its
+    config and the style file alone (no torch, no weights), or None."""
+    if args.composer is None and args.style is None and args.guidance == 1.0:
+        return None
+    from perceiver_music.checkpoint import CheckpointError, read_config, resolve
+    from perceiver_music.generate_settings import check_conditioning
+    from perceiver_music.tokens.performance import MidiError, PerformanceTokenizer
+
+    try:
+        cfg = read_config(resolve(args.ckpt) / "config.json")
+        m = cfg.model
+        check_conditioning(
+            m.condition, m.labels, args.composer, args.style is not None, args.guidance, args.seconds
+        )
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        return str(e)
+    if args.style is not None:
+        if not Path(args.style).is_file():
+            return f"--style {args.style}: no such file"
+        try:
+            if len(PerformanceTokenizer(cfg.tokenizer).encode(args.style)) == 0:
+                return f"--style {args.style}: the reference has no notes"
+        except MidiError as e:
+            return f"--style {e}"
+    return None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -292,6 +324,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail(f"{args.prompt}: no such prompt file")
     if (args.prompt_tokens or args.prompt_seconds) and args.prompt is None:
         return _fail("--prompt-tokens / --prompt-seconds need --prompt FILE.mid")
+    if problem := _check_conditioning(args):
+        return _fail(problem)
 
     from perceiver_music.checkpoint import CheckpointError
     from perceiver_music.generate import generate_midi
@@ -327,6 +361,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             render=not args.no_render,
             audio_format=_audio_format(args),
             soundfont=args.soundfont,
+            composer=args.composer,
+            style=args.style,
+            guidance=args.guidance,
         )
     except (FileNotFoundError, CheckpointError) as e:
         return _fail(str(e))
@@ -400,10 +437,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             max_pieces=args.max_pieces,
             device=None if args.device == "auto" else args.device,
             progress=not args.quiet,
+            told=args.told,
         )
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
-    meta = {"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split}
+    meta = {"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split, "told": args.told}
     meta["stride"] = args.stride or "num_latents"
     out = write_likelihood(result, args.out, meta)
     print((out / "likelihood.md").read_text(), end="")
@@ -603,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from RUN_DIR's last checkpoint (its config.json unless --config is given; "
         "train.* may change, model/data may not)",
     )
+    p.add_argument(
+        "--branch",
+        metavar="CKPT",
+        help="start at another run's checkpoint (a checkpoints/step_N folder, or a run: its "
+        "latest) and go on with this config, which may add conditioning (model.condition) to "
+        "that run's model: its step, optimizer state and log carry over",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config(p)
     p.set_defaults(func=cmd_train)
@@ -636,6 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--min-p", type=float, default=0.0, help="0: off")
     p.add_argument("--seed", type=int, default=0)
+    cond = p.add_argument_group("conditioning (models trained with model.condition)")
+    cond.add_argument("--composer", help="a composer (label) the model was trained with")
+    cond.add_argument("--style", metavar="REF.mid", help="generate in the style of this performance")
+    cond.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance: 1 conditioned (default), 0 unconditioned, >1 stronger "
+        "(costs one more batch row per sample)",
+    )
     p.add_argument(
         "--no-keyboard-mask",
         action="store_true",
@@ -691,6 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8, help="likelihood: windows per forward pass")
     p.add_argument("--max-pieces", type=int, help="likelihood: score only the first N pieces")
+    p.add_argument(
+        "--told",
+        action="store_true",
+        help="likelihood of a conditioned model: tell it each piece's composer and length (default: nothing)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--generated", nargs="+", metavar="DIR", help="sets: one or more folders of generated MIDI"

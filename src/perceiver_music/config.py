@@ -113,6 +113,14 @@ class ModelConfig:
     prefix_dropout: float = 0.0  # fraction of the non-latent inputs dropped while training
     z_loss: float = 1e-4
     checkpoint_activations: bool = False
+    # Conditioning (DESIGN.md section 8b): any of "label" (composer), "timing" (total length,
+    # elapsed time and fraction) and "style" (a reference performance's encoding).
+    condition: list[Literal["label", "timing", "style"]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # label names; empty: the data's, at train time
+    timing_bins: int = 64  # range-embedding buckets of each timing quantity
+    style_len: int = 512  # reference tokens the style encoder reads
+    style_width: int = 128
+    style_layers: int = 2
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or not 1 <= self.num_latents <= self.max_len:
@@ -130,6 +138,17 @@ class ModelConfig:
             raise ConfigError("model.rotary_fraction must be in [0, 1]")
         if not (0 <= self.dropout < 1 and 0 <= self.prefix_dropout < 1):
             raise ConfigError("model.dropout and model.prefix_dropout must be in [0, 1)")
+        if len(set(self.condition)) != len(self.condition):
+            raise ConfigError("model.condition lists a kind twice")
+        if len(set(self.labels)) != len(self.labels) or "" in self.labels:
+            raise ConfigError("model.labels must be distinct, non-empty names")
+        if self.timing_bins < 2 or self.style_len < 1 or self.style_layers < 1:
+            raise ConfigError("model.timing_bins must be >= 2, style_len and style_layers >= 1")
+        if self.style_width % 4:
+            raise ConfigError("model.style_width must be a multiple of 4 (its attention heads)")
+
+    def conditioned_on(self, kind: str) -> bool:
+        return kind in self.condition
 
     def window_sizes(self) -> list[int | None]:
         """`scales` as window sizes, None for full."""
@@ -160,6 +179,11 @@ class TrainConfig:
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     threads: int = 0  # CPU threads (0: torch's default)
     num_workers: int = 0  # data-loading processes
+    # Conditioned models (model.condition): the share of training windows that are not told
+    # their label / total length / style, so one model also generates without them.
+    label_dropout: float = 0.15
+    timing_dropout: float = 0.15
+    style_dropout: float = 0.25
 
     def __post_init__(self) -> None:
         for name in (
@@ -177,6 +201,9 @@ class TrainConfig:
             raise ConfigError("train.lr must be positive and train.min_lr in [0, lr]")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.eval_windows < 1:
             raise ConfigError("train.warmup_steps and grad_clip must be >= 0, eval_windows >= 1")
+        for name in ("label_dropout", "timing_dropout", "style_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name} must be in [0, 1]")
 
 
 @dataclass

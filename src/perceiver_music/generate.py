@@ -5,6 +5,10 @@ seconds), --num samples as one batch, length in tokens or seconds, stopping at E
 far beyond the training context. Writes one MIDI per sample, the tokens it was decoded from
 (NAME.tokens.npy, prompt included), its piano roll (PNG, the prompt's end marked) and, where
 FluidSynth is installed, its audio (WAV or FLAC), and generate.json with the settings used.
+
+A conditioned model (model.condition) also takes a composer, the style of a reference
+performance (`style_embedding`) and classifier-free guidance; one conditioned on timing is
+told the length asked for (see generate_settings).
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ import torch
 
 from perceiver_music.checkpoint import load_model
 from perceiver_music.evaluate.validity import TOKENS_SUFFIX
-from perceiver_music.generate_settings import check_generate, token_cap
+from perceiver_music.generate_settings import (
+    ENDING_GRACE,
+    check_conditioning,
+    check_generate,
+    resolve_label,
+    token_cap,
+)
 from perceiver_music.progress import progress_bar
-from perceiver_music.sample import SamplingConfig, generate
+from perceiver_music.sample import Conditions, SamplingConfig, generate
 from perceiver_music.tokens.performance import BOS, EOS, MidiError, PerformanceTokenizer
 
 
@@ -72,6 +82,42 @@ def prompt_tokens(
     return ids, notes
 
 
+STYLE_WINDOWS = 8  # a reference's style: the mean over this many evenly spaced windows of it
+
+
+@torch.no_grad()
+def style_vector(model, cfg, midi: str | os.PathLike) -> torch.Tensor:
+    """The style vector [style_width] of a performance under a loaded style-conditioned model:
+    its encoder's mean over up to STYLE_WINDOWS evenly spaced windows of style_len tokens."""
+    if not cfg.model.conditioned_on("style"):
+        raise ValueError("this model is not conditioned on a reference performance's style")
+    events = PerformanceTokenizer(cfg.tokenizer).encode(midi).astype(np.int64)  # MidiError: file + reason
+    if len(events) == 0:
+        raise MidiError(midi, "the style reference has no notes")
+    R = cfg.model.style_len
+    starts = np.unique(np.linspace(0, max(0, len(events) - R), STYLE_WINDOWS).astype(int))
+    windows = np.zeros((len(starts), R), np.int64)  # PAD-filled where the piece is shorter
+    for row, start in zip(windows, starts):
+        chunk = events[start : start + R]
+        row[: len(chunk)] = chunk
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    vectors = model.conditioner.style_encoder(torch.as_tensor(windows, device=device))  # [W, S]
+    model.train(was_training)
+    return vectors.mean(0)
+
+
+def style_embedding(
+    midi: str | os.PathLike, ckpt: str | os.PathLike | None = None, device: str = "cpu"
+) -> np.ndarray:
+    """The style vector of a performance (a MIDI file) under a style-conditioned checkpoint (None:
+    the bundled model). Vectors can be mixed, e.g. `0.5 * a + 0.5 * b`, and given to
+    `generate_midi(style=...)`."""
+    model, cfg = load_model(ckpt, device)
+    return style_vector(model, cfg, midi).cpu().numpy()
+
+
 def generate_midi(
     ckpt: str | os.PathLike | None,
     out_dir: str | os.PathLike,
@@ -91,6 +137,9 @@ def generate_midi(
     render: bool = True,
     audio_format: str | None = "wav",
     soundfont: str | os.PathLike | None = None,
+    composer: str | None = None,
+    style: str | os.PathLike | np.ndarray | None = None,
+    guidance: float = 1.0,
 ) -> GenerateResult:
     """Generate `num` pieces and write them as MIDI into out_dir (see the module docstring).
 
@@ -104,6 +153,10 @@ def generate_midi(
     precision: "fp32", "bf16" or "auto" (bf16 on GPU, fp32 on CPU); see `sample.generate`.
     render: also write each piece's piano roll and, with `audio_format` ("wav", "flac" or None),
     its audio; when FluidSynth or a soundfont is missing the audio is skipped and a note says why.
+    composer, style (a MIDI file, or a vector from `style_embedding`), guidance: conditioning,
+    for a model trained with it (classifier-free guidance: 1 conditioned only, 0 unconditioned).
+    A timing-conditioned model in seconds mode is told the length and may run up to
+    ENDING_GRACE times it to end the piece.
     """
     sampling = sampling or SamplingConfig()
     check_generate(  # before the model loads
@@ -117,16 +170,42 @@ def generate_midi(
         audio_format=audio_format if render else None,
     )  # (SamplingConfig has run the same checks on itself)
     model, cfg = load_model(ckpt, device)
+    m = cfg.model
+    check_conditioning(m.condition, m.labels, composer, style is not None, guidance, seconds)
     if refill is not None and refill > cfg.model.num_latents:
         raise ValueError(
             f"--refill must be at most the model's num_latents ({cfg.model.num_latents}), got {refill}"
         )
     tok = PerformanceTokenizer(cfg.tokenizer)
     ids, notes = prompt_tokens(tok, prompt, cfg.model.max_len, prompt_tokens_last, prompt_seconds_last)
+    sps = tok.cfg.steps_per_second
+    prompt_steps = int(tok.vocab.shift_steps(ids).sum())
+    timed = m.conditioned_on("timing") and seconds is not None
+    limit = None if seconds is None else seconds * (ENDING_GRACE if timed else 1.0)
     capped = tokens is None and seconds is not None  # the safety cap, not a length asked for
     if tokens is None:
-        tokens = 1024 if seconds is None else token_cap(seconds)
-    time_steps = None if seconds is None else int(round(seconds * tok.cfg.steps_per_second))
+        tokens = 1024 if seconds is None else token_cap(limit)
+    time_steps = None if seconds is None else int(round(limit * sps))
+    conditions = None
+    if m.condition:
+        start = 0.0
+        if prompt is not None:  # a prompt cut from a piece starts that far into it
+            start = (int(tok.vocab.shift_steps(tok.encode(prompt)).sum()) - prompt_steps) / sps
+        style_vec = None
+        if style is not None:
+            style_vec = (
+                torch.as_tensor(np.asarray(style), dtype=torch.float32)
+                if isinstance(style, np.ndarray)
+                else style_vector(model, cfg, style)
+            )
+        conditions = Conditions(
+            label=resolve_label(m.labels, composer) if composer else 0,
+            total_seconds=start + prompt_steps / sps + seconds if timed else 0.0,
+            style=style_vec,
+            guidance=guidance,
+            start_seconds=start,
+            tokenizer=cfg.tokenizer,
+        )
 
     batch = torch.as_tensor(ids, device=device).expand(num, -1).clone()
     # In seconds mode the token count is open-ended: the bar counts without a percentage.
@@ -143,6 +222,7 @@ def generate_midi(
         on_token=lambda n: bar.update(1),
         stop=_time_limit(tok, time_steps) if time_steps else None,
         precision=precision,
+        conditions=conditions,
     )
     elapsed = time.perf_counter() - t0
     bar.finish()
@@ -193,6 +273,10 @@ def generate_midi(
         "num": num,
         "max_tokens": tokens,
         "seconds": seconds,
+        "composer": composer,
+        "style": None if style is None else (str(style) if not isinstance(style, np.ndarray) else "vector"),
+        "guidance": guidance,
+        "total_seconds_told": conditions.total_seconds if conditions is not None else None,
         "sampling": asdict(sampling),
         "seed": seed,
         "cache": use_cache,

@@ -8,6 +8,9 @@ would never reach S, so seconds mode also stops at a safety cap of
 `CAP_TOKENS_PER_SECOND * S + CAP_EXTRA_TOKENS` tokens: 250 tokens a second, where the densest
 10 s of any ASAP performance take 158 and the densest whole performance 95 (45 on average).
 A piece cut by the cap is reported.
+
+A model conditioned on timing is told the length asked for, and given up to `ENDING_GRACE`
+more to finish its piece: `--seconds 120` asks for an ending near 120 s, not a cut at 120 s.
 """
 
 from __future__ import annotations
@@ -23,6 +26,37 @@ MAX_TOKENS = 10_000_000  # per piece: far beyond any piece, well within memory
 MAX_SECONDS = (MAX_TOKENS - CAP_EXTRA_TOKENS) // CAP_TOKENS_PER_SECOND
 AUDIO_FORMATS = ("wav", "flac")
 PIANO = (21, 108)  # A0..C8: the keyboard's pitches, the keyboard mask's default range
+ENDING_GRACE = 1.25  # timing-conditioned models: a piece may run this much past --seconds to end
+
+
+def resolve_label(labels: list[str], name: str) -> int:
+    """A label's id (1 + its index, matched ignoring case), or a ValueError listing the known ones."""
+    by_name = {label.casefold(): i + 1 for i, label in enumerate(labels)}
+    if name.casefold() not in by_name:
+        raise ValueError(f"--composer {name!r} is not one the model knows; it knows: {', '.join(labels)}")
+    return by_name[name.casefold()]
+
+
+def check_conditioning(
+    condition: list[str],
+    labels: list[str],
+    composer: str | None = None,
+    style_given: bool = False,
+    guidance: float = 1.0,
+    seconds: float | None = None,
+) -> None:
+    """ValueError for conditioning the model (its `condition` and `labels`) cannot take."""
+    if not guidance >= 0 or math.isinf(guidance):
+        raise ValueError(f"--guidance must be >= 0 and finite, got {guidance}")
+    if composer is not None:
+        if "label" not in condition:
+            raise ValueError("--composer: this model is not conditioned on composers")
+        resolve_label(labels, composer)
+    if style_given and "style" not in condition:
+        raise ValueError("--style: this model is not conditioned on a reference performance's style")
+    timed = "timing" in condition and seconds is not None
+    if guidance != 1 and composer is None and not style_given and not timed:
+        raise ValueError("--guidance needs something to guide towards: --composer, --style or --seconds")
 
 
 def check_sampling(

@@ -17,12 +17,17 @@ Two streams compute exactly that:
 Their logits agree (allclose) at every step, across refills and past max_len; the tests
 check this for every architecture. The Transformer baseline has no latents: every position
 attends to (p - max_len, p], and its cache holds every position's keys/values.
+
+A conditioned model (model/conditioning.py) is told its `Conditions` by both streams alike:
+the fixed ones once, and the time elapsed through each position as the tokens come, so the
+two stay equal. Classifier-free guidance runs each sample twice in one batch, conditioned and
+not, and samples from uncond + guidance * (cond - uncond).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ from torch import Tensor
 from perceiver_music.config import TokenizerConfig
 from perceiver_music.generate_settings import PIANO, check_sampling
 from perceiver_music.model.base import TokenModel, autocast
+from perceiver_music.model.conditioning import Cond
 from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, PAD, Vocab, note_events
 
 # Note ids do not depend on the tokenizer's settings (only TIME_SHIFT and VELOCITY do).
@@ -50,6 +56,42 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.pitch_range)
+
+
+@dataclass
+class Conditions:
+    """What a conditioned model generates under (every row alike); the defaults ask for nothing."""
+
+    label: int = 0  # 1 + index into the model's cfg.labels; 0: no label
+    total_seconds: float = 0.0  # the piece's length, prompt included; 0: not given
+    style: Tensor | None = None  # [style_width] a style vector (generate.style_embedding)
+    guidance: float = 1.0  # 1: conditioned logits only; 0: unconditioned; > 1: pushed further
+    start_seconds: float = 0.0  # time before the prompt's first token (a prompt cut from a piece)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # how far each token moves time
+
+    def __post_init__(self) -> None:
+        if not self.guidance >= 0 or np.isinf(self.guidance):
+            raise ValueError(f"guidance must be >= 0 and finite, got {self.guidance}")
+        if self.total_seconds < 0 or self.start_seconds < 0:
+            raise ValueError("total_seconds and start_seconds must be >= 0")
+
+    def given(self) -> bool:
+        return self.label > 0 or self.total_seconds > 0 or self.style is not None
+
+    def cond(self, batch: int, device, null: bool = False) -> Cond:
+        """The fixed part of a batch's Cond (elapsed comes from the stream); null: nothing given."""
+        style = None if null or self.style is None else self.style.to(device).float().expand(batch, -1)
+        return Cond(
+            label=torch.full((batch,), 0 if null else self.label, dtype=torch.long, device=device),
+            total=torch.full((batch,), 0.0 if null else self.total_seconds, device=device),
+            style=style,
+            has_style=None if style is None else torch.ones(batch, dtype=torch.bool, device=device),
+        )
+
+    def token_seconds(self, vocab_size: int, device) -> Tensor:
+        """[V] seconds each token id moves time forward."""
+        steps = Vocab(self.tokenizer).shift_steps(np.arange(vocab_size))
+        return torch.as_tensor(steps / self.tokenizer.steps_per_second, dtype=torch.float64, device=device)
 
 
 def sample_next(
@@ -126,7 +168,19 @@ class KeyboardMask:
 class _Stream:
     """Logits for the next token of a growing batch of sequences (all the same length)."""
 
-    def __init__(self, model: TokenModel, prompt: Tensor, total: int, refill: int | None):
+    def __init__(
+        self,
+        model: TokenModel,
+        prompt: Tensor,
+        total: int,
+        refill: int | None,
+        cond: Cond | None = None,
+        token_seconds: Tensor | None = None,
+        start_seconds: float = 0.0,
+    ):
+        """cond: the fixed conditions of each row, for a conditioned model; token_seconds [V]:
+        how far each token id moves time, for one conditioned on timing (the stream then
+        tracks the time elapsed through every position, from start_seconds)."""
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError("the prompt must be [batch, length >= 1] tokens (start from BOS)")
         self.model, self.total = model, total
@@ -141,6 +195,16 @@ class _Stream:
         self.length = prompt.shape[1]
         # The first latent of the current latent set (Perceiver AR).
         self.first = 0 if self.length <= N else self.length - self.refill_size
+        self.cond, self.token_seconds, self.elapsed = cond, token_seconds, None
+        if cond is not None and token_seconds is not None:
+            self.elapsed = torch.zeros(prompt.shape[0], total, dtype=torch.float64, device=prompt.device)
+            self.elapsed[:, : self.length] = start_seconds + token_seconds[prompt].cumsum(1)
+
+    def _cond(self, lo: int, hi: int) -> Cond | None:
+        """The conditions of positions lo..hi-1."""
+        if self.cond is None or self.elapsed is None:
+            return self.cond
+        return self.cond.with_elapsed(self.elapsed[:, lo:hi].float())
 
     def _advance(self) -> bool:
         """Account for the position just appended; True when it starts a refill."""
@@ -154,6 +218,8 @@ class _Stream:
         if self.length >= self.total:
             raise ValueError(f"the stream holds at most {self.total} tokens")
         self.tokens[:, self.length] = token
+        if self.elapsed is not None:
+            self.elapsed[:, self.length] = self.elapsed[:, self.length - 1] + self.token_seconds[token]
         self.length += 1
         return self._logits_after_append(self._advance())
 
@@ -161,8 +227,8 @@ class _Stream:
 class ReferenceStream(_Stream):
     """No cache: a full forward per token over exactly what the latents may see."""
 
-    def __init__(self, model, prompt, total, refill=None):
-        super().__init__(model, prompt, total, refill)
+    def __init__(self, model, prompt, total, refill=None, **conditioning):
+        super().__init__(model, prompt, total, refill, **conditioning)
         self.current = self._forward()
 
     def _forward(self) -> Tensor:
@@ -174,7 +240,7 @@ class ReferenceStream(_Stream):
             lo, k = 0, 1
         tokens = self.tokens[:, lo:T]
         positions = torch.arange(lo, T, device=tokens.device).expand_as(tokens)
-        return self.model(tokens, positions, num_latents=k, band=band)[:, -1]
+        return self.model(tokens, positions, num_latents=k, band=band, cond=self._cond(lo, T))[:, -1]
 
     def _logits_after_append(self, refilled: bool) -> Tensor:
         self.current = self._forward()
@@ -182,8 +248,8 @@ class ReferenceStream(_Stream):
 
 
 class CachedStream(_Stream):
-    def __init__(self, model, prompt, total, refill=None):
-        super().__init__(model, prompt, total, refill)
+    def __init__(self, model, prompt, total, refill=None, **conditioning):
+        super().__init__(model, prompt, total, refill, **conditioning)
         like = next(model.parameters())
         # Input keys/values are kept for at most two context windows: older positions are
         # dropped (moved out) once no latent can see them, so memory follows the context, not
@@ -195,11 +261,14 @@ class CachedStream(_Stream):
             model.cache_inputs(self.tokens[:, :T], 0, self.cache)
             self.current = self._refill()
         else:
-            self.current = model.cached_logits(self.tokens[:, :T], 0, self.cache, self.cfg.max_len)[:, -1]
+            self.current = model.cached_logits(
+                self.tokens[:, :T], 0, self.cache, self.cfg.max_len, self._cond(0, T)
+            )[:, -1]
 
     def _refill(self) -> Tensor:
         latents = self.tokens[:, self.first : self.length]
-        return self.model.latent_logits(latents, self.first, self.cache, self.cfg.max_len, refill=True)[:, -1]
+        cond = self._cond(self.first, self.length)
+        return self.model.latent_logits(latents, self.first, self.cache, self.cfg.max_len, True, cond)[:, -1]
 
     def _logits_after_append(self, refilled: bool) -> Tensor:
         q = self.length - 1
@@ -210,14 +279,15 @@ class CachedStream(_Stream):
             oldest = max(0, (self.first if self.perceiver else q) - self.cfg.max_len + 1)
             for kv in input_caches:
                 kv.keep_from(oldest, q)
+        cond = self._cond(q, q + 1)
         if not self.perceiver:
-            self.current = self.model.cached_logits(new, q, self.cache, self.cfg.max_len)[:, -1]
+            self.current = self.model.cached_logits(new, q, self.cache, self.cfg.max_len, cond)[:, -1]
         else:
             self.model.cache_inputs(new, q, self.cache)
             if refilled:
                 self.current = self._refill()
             else:
-                self.current = self.model.latent_logits(new, q, self.cache, self.cfg.max_len, refill=False)[
+                self.current = self.model.latent_logits(new, q, self.cache, self.cfg.max_len, False, cond)[
                     :, -1
                 ]
         return self.current
@@ -236,6 +306,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     stop: Callable[[Tensor], Tensor] | None = None,
     precision: str = "auto",
+    conditions: Conditions | None = None,
 ) -> list[Tensor]:
     """Continue each row of prompt [B, P] by up to max_new_tokens tokens.
 
@@ -247,27 +318,69 @@ def generate(
     attention stay float32) or "auto" (bf16 on GPU, fp32 on CPU). One autocast context spans
     the whole generation, so each weight is cast to bf16 once, not once per token (autocast
     keeps those copies for parameters that require grad, as a loaded model's do).
+
+    conditions: for a conditioned model (ignored by others); with guidance other than 1, each
+    row is computed twice (conditioned and not) in one batch of 2B.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     with autocast(prompt.device, precision):
         return _generate(
-            model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop
+            model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop,
+            conditions,
+        )  # fmt: skip
+
+
+def _stream_conditioning(
+    model: TokenModel, conditions: Conditions | None, batch: int, device
+) -> tuple[dict, bool]:
+    """(the streams' conditioning keywords, whether rows are doubled for guidance)."""
+    if model.cfg.arch not in ("perceiver_ar", "transformer") or not model.cfg.condition:
+        return {}, False
+    conditions = conditions or Conditions()
+    guided = conditions.guidance != 1 and conditions.given()
+    cond = conditions.cond(batch, device)
+    if guided:
+        null = conditions.cond(batch, device, null=True)
+        cond = Cond(
+            label=torch.cat([cond.label, null.label]),
+            total=torch.cat([cond.total, null.total]),
+            style=None if cond.style is None else torch.cat([cond.style, cond.style]),
+            has_style=None if cond.style is None else torch.arange(2 * batch, device=device) < batch,
         )
+    keywords = {"cond": cond}
+    if model.cfg.conditioned_on("timing"):
+        keywords["token_seconds"] = conditions.token_seconds(model.cfg.vocab_size, device)
+        keywords["start_seconds"] = conditions.start_seconds
+    return keywords, guided
 
 
-def _generate(model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop):
+def _generate(
+    model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop, conditions
+):
     sampling = sampling or SamplingConfig()
     model.eval()
     generator = torch.Generator(device=prompt.device)
     if seed is not None:
         generator.manual_seed(seed)
     B, P = prompt.shape
-    stream = (CachedStream if use_cache else ReferenceStream)(model, prompt, P + max_new_tokens, refill)
+    keywords, guided = _stream_conditioning(model, conditions, B, prompt.device)
+    rows = torch.cat([prompt, prompt]) if guided else prompt  # [2B, P]: conditioned, then not
+    stream = (CachedStream if use_cache else ReferenceStream)(
+        model, rows, P + max_new_tokens, refill, **keywords
+    )
+    g = conditions.guidance if guided else 1.0
+
+    def mixed(logits: Tensor) -> Tensor:
+        if not guided:
+            return logits
+        c, u = logits[:B].float(), logits[B:].float()
+        return u + g * (c - u)
+
     end = torch.full((B,), P + max_new_tokens, dtype=torch.long)  # each row's length
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     keyboard = KeyboardMask(prompt, sampling.pitch_range) if sampling.keyboard else None
-    logits = stream.current
+    logits = mixed(stream.current)
     for i in range(max_new_tokens):
         token = sample_next(logits, sampling, generator, keyboard)
         if keyboard is not None:
@@ -281,9 +394,10 @@ def _generate(model, prompt, max_new_tokens, sampling, seed, use_cache, refill, 
         done |= finished
         if on_token is not None:
             on_token(i + 1)
+        both = torch.cat([token, token]) if guided else token
         if bool(done.all()) or i == max_new_tokens - 1:
-            stream.tokens[:, stream.length] = token
+            stream.tokens[:, stream.length] = both
             stream.length += 1
             break
-        logits = stream.append(token)
+        logits = mixed(stream.append(both))
     return [stream.tokens[b, : min(int(end[b]), stream.length)].clone() for b in range(B)]

@@ -34,13 +34,17 @@ import torch.distributed as dist
 
 from perceiver_music import checkpoint as ckpt_io
 from perceiver_music.config import Config, ConfigError, TrainConfig
-from perceiver_music.data.windows import TokenData, WindowDataset
+from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
 from perceiver_music.model import build_model
 from perceiver_music.model.base import autocast, nll_sum
+from perceiver_music.model.conditioning import Cond
 from perceiver_music.progress import progress_bar
 from perceiver_music.tokens.performance import PAD
 
 LOG_FIELDS = ["step", "kind", "loss", "val_nll", "val_bits", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
+# Conditioned models: val_nll is told nothing (comparable with an unconditioned run's), and
+# val_nll_cond is told every condition.
+COND_LOG_FIELDS = ["val_nll_cond"]
 # Codec runs: validation loss, spectral convergence (dB) and codebook usage (mean over levels);
 # log.jsonl has every level's figures.
 CODEC_LOG_FIELDS = ["val_loss", "val_sc_db", "usage", "samples_per_s"]
@@ -80,11 +84,47 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def collate(windows) -> dict[str, torch.Tensor]:
-    return {
+    batch = {
         "inputs": torch.from_numpy(np.stack([w.inputs for w in windows])),
         "positions": torch.from_numpy(np.stack([w.positions for w in windows])),
         "targets": torch.from_numpy(np.stack([w.targets for w in windows])),
     }
+    first = windows[0]
+    if first.elapsed is not None:
+        batch["elapsed"] = torch.from_numpy(np.stack([w.elapsed for w in windows]))
+    if first.reference is not None:
+        batch["reference"] = torch.from_numpy(np.stack([w.reference for w in windows]))
+    batch["label"] = torch.tensor([w.label for w in windows], dtype=torch.long)
+    batch["total"] = torch.tensor([w.total for w in windows], dtype=torch.float32)
+    return batch
+
+
+def batch_cond(batch: dict[str, torch.Tensor], told: bool = True) -> Cond:
+    """What a collated batch is conditioned on (an unconditioned model ignores it); told=False:
+    nothing but the time elapsed, which the tokens themselves give."""
+    if not told:
+        return Cond(elapsed=batch.get("elapsed"))
+    return Cond(
+        label=batch.get("label"),
+        total=batch.get("total"),
+        elapsed=batch.get("elapsed"),
+        reference=batch.get("reference"),
+    )
+
+
+def window_conditions(cfg: Config) -> Conditions | None:
+    """What the windows must carry for cfg.model's conditioning (None: unconditioned)."""
+    m, t = cfg.model, cfg.train
+    if not m.condition:
+        return None
+    return Conditions(
+        labels=list(m.labels) if m.conditioned_on("label") else [],
+        timing=m.conditioned_on("timing"),
+        style_len=m.style_len if m.conditioned_on("style") else 0,
+        label_dropout=t.label_dropout,
+        timing_dropout=t.timing_dropout,
+        style_dropout=t.style_dropout,
+    )
 
 
 def _setup_distributed() -> tuple[int, int, int]:
@@ -108,8 +148,11 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_windows(model, windows: WindowDataset, indices, batch_size, device, precision, rank=0, world=1):
-    """Validation NLL in nats per token over the given windows (split across processes)."""
+def evaluate_windows(
+    model, windows: WindowDataset, indices, batch_size, device, precision, rank=0, world=1, told: bool = True
+):
+    """Validation NLL in nats per token over the given windows (split across processes);
+    told: whether a conditioned model is told the windows' conditions."""
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     mine = indices[rank::world]
@@ -117,7 +160,7 @@ def evaluate_windows(model, windows: WindowDataset, indices, batch_size, device,
         batch = collate([windows[int(i)] for i in mine[start : start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
-            logits = model(batch["inputs"], batch["positions"])
+            logits = model(batch["inputs"], batch["positions"], cond=batch_cond(batch, told))
         nll, n = nll_sum(logits, batch["targets"])
         total += nll.double().cpu()
         count += n.double().cpu()
@@ -150,33 +193,60 @@ class TokenTask:
         if len(train_data) == 0:
             raise ConfigError(f"{data_dir}: the train split has no pieces")
         m = cfg.model
+        if m.conditioned_on("label") and not m.labels:
+            m.labels = train_data.label_names()  # saved in config.json: the checkpoint's label set
+            if not m.labels:
+                raise ConfigError(
+                    f"{data_dir}: model.condition has 'label' but no training piece has a label "
+                    "(prepare --labels FILE.csv, or ASAP/MAESTRO metadata)"
+                )
+        conditions = window_conditions(cfg)
         self.train_windows = WindowDataset(
-            train_data, cfg.data, m.max_len, m.num_latents, train=True, seed=cfg.train.seed
+            train_data,
+            cfg.data,
+            m.max_len,
+            m.num_latents,
+            train=True,
+            seed=cfg.train.seed,
+            conditions=conditions,
         )
         self.valid_windows = WindowDataset(
-            valid_data if len(valid_data) else train_data, cfg.data, m.max_len, m.num_latents, train=False
+            valid_data if len(valid_data) else train_data,
+            cfg.data,
+            m.max_len,
+            m.num_latents,
+            train=False,
+            conditions=conditions,
         )
         self.no_valid = len(valid_data) == 0
         self.collate = collate
+        self.cfg = cfg
+        if m.condition:
+            self.log_fields = LOG_FIELDS + COND_LOG_FIELDS
         self.extras: dict[str, float] = {}
 
     def build(self, cfg: Config, fresh: bool):
         return build_model(cfg.model)
 
     def loss(self, net, model, batch) -> tuple[torch.Tensor, int]:
-        logits = net(batch["inputs"], batch["positions"])
+        logits = net(batch["inputs"], batch["positions"], cond=batch_cond(batch))
         return model.loss(logits, batch["targets"]), int((batch["targets"] != PAD).sum())
 
     def evaluate(
         self, net, indices, batch_size, device, precision, rank, world
     ) -> tuple[float, dict, dict, str]:
         """(score, log fields, best/info.json fields, message) of one validation pass."""
-        nll, n = evaluate_windows(
-            net, self.valid_windows, indices, batch_size, device, precision, rank, world
-        )
+        conditioned = bool(self.cfg.model.condition)
+        args = (net, self.valid_windows, indices, batch_size, device, precision, rank, world)
+        nll, n = evaluate_windows(*args, told=not conditioned)
         row = {"val_nll": round(nll, 6), "val_bits": round(nll / math.log(2), 6)}
         message = f"validation {nll:.4f} nats/token ({nll / math.log(2):.4f} bits) over {n} tokens"
-        return nll, row, {"val_nll": nll, "val_tokens": n}, message
+        info = {"val_nll": nll, "val_tokens": n}
+        if conditioned:
+            told, _ = evaluate_windows(*args, told=True)
+            row["val_nll_cond"] = info["val_nll_cond"] = round(told, 6)
+            message += f" told nothing; {told:.4f} told every condition"
+        return nll, row, info, message
 
 
 class CodecTask:
@@ -275,7 +345,11 @@ def train(
     run_dir: str | os.PathLike,
     resume: bool = False,
     progress: bool = True,
+    branch: str | os.PathLike | None = None,
 ) -> TrainResult:
+    """Train cfg on data_dir into run_dir. branch: start from another run's training checkpoint
+    (its step, optimizer state, RNG and log), whose model cfg.model extends with conditioning:
+    the parameters it lacks start from their initialisation (conditioning's: as a no-op)."""
     t = cfg.train
     rank, world, local_rank = _setup_distributed()
     main_process = rank == 0
@@ -294,10 +368,13 @@ def train(
     torch.manual_seed(t.seed + rank)
     latest = ckpt_io.latest_checkpoint(run_dir)
     model = task.build(cfg, fresh=latest is None).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    names = param_order(model)
+    params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [params[n] for n in names["decay"]], "weight_decay": t.weight_decay},
+            {"params": [params[n] for n in names["no_decay"]], "weight_decay": 0.0},
+        ],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
         fused=True,  # one kernel per step instead of a loop of element-wise ops (CPU and CUDA)
@@ -308,6 +385,17 @@ def train(
         raise ConfigError(
             f"{run_dir} already holds a run (up to {latest.name}): add --resume, or choose another --out"
         )
+    if branch is not None and latest is None:
+        source = ckpt_io.training_checkpoint(branch)
+        trainer = ckpt_io.read_branch_state(
+            source, model, optimizer, names["decay"] + names["no_decay"], rank
+        )
+        step = trainer["step"]
+        if step >= t.steps:
+            raise ConfigError(f"--branch: {source} is at step {step}, not before train.steps={t.steps}")
+        log_rows = _read_log(source.parent.parent, upto=step)
+        if main_process:
+            print(f"branched from {source} at step {step}")
     if resume and latest is None and main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     if latest is not None:
@@ -434,6 +522,16 @@ def train(
     if world > 1:
         dist.barrier()
     return TrainResult(run_dir, step, loss, best, task.score_name)
+
+
+def param_order(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Parameter names of the optimizer's two groups (weight decay for matrices only), in the
+    order the optimizer numbers its state."""
+    named = list(model.named_parameters())
+    return {
+        "decay": [n for n, p in named if p.dim() >= 2],
+        "no_decay": [n for n, p in named if p.dim() < 2],
+    }
 
 
 def _resume(run_dir: Path, model, optimizer, rank: int, world: int) -> tuple[Path, dict]:

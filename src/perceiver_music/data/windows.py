@@ -12,13 +12,21 @@ left-padded with PAD, and padding is masked out of attention and loss.
 Window i of a training set is drawn from an RNG seeded by (seed, i), so the stream is the
 same on every run and a resumed run continues exactly where it stopped. Validation windows
 tile every target of every piece exactly once, in a fixed order, without augmentation.
+
+For a conditioned model (`Conditions`) a window also carries what it is conditioned on: its
+piece's label, the piece's total length and the time elapsed through each input (both after
+the window's stretch), and a style reference: `style_len` tokens of the same piece outside
+the window, augmented as the window is, so the model learns the performance's manner rather
+than copying the notes it must predict. Training windows drop each of the three at its own
+rate; the draws come after the window's own, so its tokens are those an unconditioned run
+draws.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +48,17 @@ class TokenData:
         self.split = split
         self.tokens = np.load(data_dir / f"{split}.npy", mmap_mode="r")
         self.index = np.load(data_dir / f"{split}.index.npy")  # [pieces, 2]: offset, length
-        self.paths = [p["path"] for p in self.meta["pieces"] if p["split"] == split]
+        pieces = [p for p in self.meta["pieces"] if p["split"] == split]
+        self.paths = [p["path"] for p in pieces]
+        self.labels: list[str | None] = [p.get("label") for p in pieces]
+
+    def label_names(self) -> list[str]:
+        """The labels this split's pieces carry, most pieces first (ties by name)."""
+        counts: dict[str, int] = {}
+        for label in self.labels:
+            if label is not None:
+                counts[label] = counts.get(label, 0) + 1
+        return sorted(counts, key=lambda name: (-counts[name], name))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -51,11 +69,27 @@ class TokenData:
 
 
 @dataclass
+class Conditions:
+    """What a conditioned model's windows carry (from ModelConfig.condition and TrainConfig)."""
+
+    labels: list[str] = field(default_factory=list)  # label i has id i + 1; others 0
+    timing: bool = False
+    style_len: int = 0  # reference tokens; 0: no style
+    label_dropout: float = 0.0
+    timing_dropout: float = 0.0
+    style_dropout: float = 0.0
+
+
+@dataclass
 class Window:
     inputs: np.ndarray  # [max_len] int64, PAD on the left where the piece starts inside
     targets: np.ndarray  # [num_latents] int64, PAD where there is nothing to predict
     positions: np.ndarray  # [max_len] int64 position of each input in its piece (0 for PAD)
     piece: int
+    label: int = 0  # 0: none (or dropped)
+    total: float = 0.0  # seconds of the whole piece; 0: unknown (or dropped)
+    elapsed: np.ndarray | None = None  # [max_len] float32 seconds through each input (timing)
+    reference: np.ndarray | None = None  # [style_len] int64 style reference, all PAD: none
 
 
 def window_ends(length: int, segmentation: str, max_len: int, num_latents: int) -> tuple[int, int]:
@@ -78,11 +112,23 @@ class WindowDataset:
     """
 
     def __init__(
-        self, data: TokenData, cfg: DataConfig, max_len: int, num_latents: int, train: bool, seed: int = 0
+        self,
+        data: TokenData,
+        cfg: DataConfig,
+        max_len: int,
+        num_latents: int,
+        train: bool,
+        seed: int = 0,
+        conditions: Conditions | None = None,
     ):
         if not 1 <= num_latents <= max_len:
             raise ValueError(f"num_latents ({num_latents}) must be in 1..max_len ({max_len})")
         self.data, self.cfg, self.train, self.seed = data, cfg, train, seed
+        self.conditions = conditions
+        if conditions is not None:
+            ids = {name: i + 1 for i, name in enumerate(conditions.labels)}
+            self._label_ids = [ids.get(label, 0) if label is not None else 0 for label in data.labels]
+            self._total_steps: dict[int, int] = {}
         self.max_len, self.num_latents = max_len, num_latents
         self.vocab = Vocab(data.tokenizer)
         lengths = data.index[:, 1] if len(data) else np.zeros(0, np.int64)
@@ -126,10 +172,19 @@ class WindowDataset:
         cfg = self.cfg
         tokens = self.data.piece(piece)
         need = self.max_len + 1  # inputs plus the final target
+        shift, factor = 0, 1.0
         if rng is None or (cfg.transpose == 0 and cfg.stretch == 0):
-            chunk = np.asarray(tokens[max(0, end - need) : end], np.int64)
+            begin = max(0, end - need)
+            chunk = np.asarray(tokens[begin:end], np.int64)
         else:
-            chunk = self._augmented(tokens, end, need, rng)
+            shift, factor, begin, chunk = self._augmented(tokens, end, need, rng)
+        window = self._assemble(piece, end, chunk[-need:])
+        if self.conditions is not None:
+            self._condition(window, tokens, end, begin, chunk, shift, factor, rng)
+        return window
+
+    def _assemble(self, piece: int, end: int, chunk: np.ndarray) -> Window:
+        need = self.max_len + 1
         start = end - len(chunk)  # position of chunk[0] in the piece (approximate if stretched)
         seq = np.full(need, PAD, np.int64)
         seq[need - len(chunk) :] = chunk
@@ -140,8 +195,50 @@ class WindowDataset:
         targets[seq[-self.num_latents - 1 : -1] == PAD] = PAD
         return Window(inputs=seq[:-1], targets=targets, positions=positions[:-1], piece=piece)
 
-    def _augmented(self, tokens: np.ndarray, end: int, need: int, rng: np.random.Generator) -> np.ndarray:
-        """Transpose and stretch the tokens before `end`, keeping the last `need` of them.
+    def _condition(self, window, tokens, end, begin, chunk, shift, factor, rng) -> None:
+        """Fill in what `window` is conditioned on. chunk: tokens[begin:end] as augmented (at
+        least the window's inputs and target)."""
+        c, vocab, sps = self.conditions, self.vocab, self.data.tokenizer.steps_per_second
+        piece = window.piece
+        drop = rng.random(3) if rng is not None else np.ones(3)  # always 3 draws: a fixed stream
+        if c.labels and drop[0] >= c.label_dropout:
+            window.label = self._label_ids[piece]
+        if c.timing:
+            before = int(vocab.shift_steps(tokens[:begin]).sum()) * factor
+            elapsed = (before + np.cumsum(vocab.shift_steps(chunk))) / sps  # seconds through each
+            need = self.max_len + 1
+            full = np.zeros(need, np.float32)
+            kept = elapsed[-need:]
+            full[need - len(kept) :] = kept
+            window.elapsed = full[:-1]
+            if drop[1] >= c.timing_dropout:
+                if piece not in self._total_steps:
+                    self._total_steps[piece] = int(vocab.shift_steps(tokens).sum())
+                window.total = self._total_steps[piece] * factor / sps
+        if c.style_len:
+            window.reference = np.full(c.style_len, PAD, np.int64)
+            if drop[2] >= c.style_dropout:
+                ref = self._reference(tokens, end, shift, factor, rng, piece)
+                window.reference[: len(ref)] = ref
+
+    def _reference(self, tokens, end, shift, factor, rng, piece) -> np.ndarray:
+        """`style_len` tokens of the piece that do not overlap the window (none if it has no
+        room), transposed and stretched as the window."""
+        R, need = self.conditions.style_len, self.max_len + 1
+        before = max(0, end - need - R + 1)  # starts s with s + R <= end - need
+        after = max(0, len(tokens) - R - end + 1)  # starts s >= end
+        if before + after == 0:
+            return np.zeros(0, np.int64)
+        if rng is None:  # validation: the same reference every time
+            rng = np.random.default_rng([self.seed, piece, end])
+        k = int(rng.integers(before + after))
+        s = k if k < before else end + (k - before)
+        ref = np.asarray(tokens[s : s + R + R // 4], np.int64)
+        return stretch(transpose(ref, shift, self.vocab), factor, self.vocab)[:R]
+
+    def _augmented(self, tokens: np.ndarray, end: int, need: int, rng: np.random.Generator):
+        """Transpose and stretch the tokens before `end`: (shift, factor, begin, the augmented
+        tokens[begin:end]), at least `need` of them unless the piece starts first.
 
         Stretching can shorten a stretch of tokens, so more are read from before the window
         until enough are left or the piece start is reached: padding then still means "the
@@ -155,7 +252,7 @@ class WindowDataset:
             chunk = np.asarray(tokens[begin:end], np.int64)
             out = stretch(transpose(chunk, shift, self.vocab), factor, self.vocab)
             if len(out) >= need or begin == 0:
-                return out[-need:]
+                return shift, factor, begin, out
             margin *= 2
 
 

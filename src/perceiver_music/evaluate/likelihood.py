@@ -7,6 +7,10 @@ allows: windows end every `stride` tokens, each scores only its last `stride` ta
 target sees at least max_len - stride + 1 tokens before it (or the whole piece so far). A
 stride of num_latents is the training-time tiling; a smaller stride gives more context per
 token at proportionally more compute, down to stride 1 (full context for every token).
+
+A conditioned model is always given the time elapsed through each token (the tokens say it);
+with `told` also each piece's composer and total length. Style is never told here: every
+part of a piece is scored, so a reference from the piece would show the model what it predicts.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 from perceiver_music.checkpoint import load_model
 from perceiver_music.data.windows import TokenData
 from perceiver_music.files import atomic_write_text
+from perceiver_music.model.conditioning import Cond
 from perceiver_music.progress import progress_bar
-from perceiver_music.tokens.performance import PAD
+from perceiver_music.tokens.performance import PAD, Vocab
 
 DEFAULT_BUCKETS = (1024, 4096)  # token positions where a new bucket starts
 
@@ -52,9 +57,21 @@ def bucket_labels(bounds: tuple[int, ...]) -> list[str]:
 
 @torch.no_grad()
 def piece_nll(
-    model, tokens: np.ndarray, max_len: int, num_latents: int, stride: int, batch_size: int, device
+    model,
+    tokens: np.ndarray,
+    max_len: int,
+    num_latents: int,
+    stride: int,
+    batch_size: int,
+    device,
+    elapsed: np.ndarray | None = None,
+    label: int = 0,
+    total: float = 0.0,
 ) -> np.ndarray:
-    """NLL (nats, float64) of tokens[1:] given everything before each, [len(tokens) - 1]."""
+    """NLL (nats, float64) of tokens[1:] given everything before each, [len(tokens) - 1].
+
+    elapsed [len(tokens)]: seconds through each token, for a timing-conditioned model; label
+    and total (seconds): what a conditioned model is told about the piece (0: nothing)."""
     n = len(tokens)
     out = np.full(n, np.nan)
     ends = list(range(n, 1, -stride))[::-1]  # window ends (exclusive); targets (end - stride, end]
@@ -68,7 +85,22 @@ def piece_nll(
             seq[row, need - len(chunk) :] = chunk
             pos[row, need - len(chunk) :] = np.arange(end - len(chunk), end)
         seq_t = torch.from_numpy(seq).to(device)
-        logits = model(seq_t[:, :-1], torch.from_numpy(pos[:, :-1]).to(device), num_latents)  # [B, N, V]
+        cond = None
+        if model.cfg.condition:
+            B = len(batch_ends)
+            window_elapsed = None
+            if elapsed is not None:  # the inputs' positions; PAD positions read 0
+                window_elapsed = torch.from_numpy(
+                    np.where(seq[:, :-1] == PAD, 0.0, elapsed[pos[:, :-1]])
+                ).float()
+            cond = Cond(
+                label=torch.full((B,), label, dtype=torch.long),
+                total=torch.full((B,), float(total)),
+                elapsed=window_elapsed,
+            ).to(device)
+        logits = model(
+            seq_t[:, :-1], torch.from_numpy(pos[:, :-1]).to(device), num_latents, cond=cond
+        )  # [B, N, V]
         targets = seq_t[:, -num_latents:]
         nll = (
             F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").double().cpu().numpy()
@@ -89,10 +121,15 @@ def evaluate_likelihood(
     max_pieces: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    told: bool = False,
 ) -> LikelihoodResult:
+    """told: tell a conditioned model each piece's composer and total length (see above)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config = load_model(ckpt, device)
+    m = config.model
+    label_ids = {name: i + 1 for i, name in enumerate(m.labels)}
     data = TokenData(data_dir, split)
+    vocab = Vocab(data.tokenizer)
     if len(data) == 0:
         raise ValueError(f"{data_dir}: the {split} split has no pieces")
     max_len = config.model.max_len
@@ -116,7 +153,14 @@ def evaluate_likelihood(
         tokens = np.asarray(data.piece(i), np.int64)
         if len(tokens) < 2:
             continue
-        nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device)
+        cond = {}
+        if m.conditioned_on("timing"):
+            seconds = np.cumsum(vocab.shift_steps(tokens)) / data.tokenizer.steps_per_second
+            cond["elapsed"] = seconds
+            cond["total"] = float(seconds[-1]) if told else 0.0
+        if told and m.conditioned_on("label"):
+            cond["label"] = label_ids.get(data.labels[i], 0) if data.labels[i] else 0
+        nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device, **cond)
         which = np.searchsorted(np.array(buckets), np.arange(1, len(tokens)), side="right")
         sums += np.bincount(which, weights=nll, minlength=len(labels))
         counts += np.bincount(which, minlength=len(labels))

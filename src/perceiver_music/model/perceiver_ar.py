@@ -35,6 +35,7 @@ from perceiver_music.model.attention import (
     causal_mask,
 )
 from perceiver_music.model.base import TokenModel
+from perceiver_music.model.conditioning import Cond, Conditioner
 from perceiver_music.tokens.performance import PAD
 
 
@@ -55,12 +56,24 @@ class PerceiverAR(TokenModel):
         )
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.vocab_size)
+        # Last, so an unconditioned model's parameters keep their order (`train --branch`).
+        self.conditioner = Conditioner(cfg) if cfg.condition else None
         self.init_weights()
+        if self.conditioner is not None:
+            self.conditioner.zero_outputs()
 
     def forward(
-        self, tokens: Tensor, positions: Tensor, num_latents: int | None = None, band: int | None = None
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        num_latents: int | None = None,
+        band: int | None = None,
+        cond: Cond | None = None,
     ) -> Tensor:
         """tokens, positions [B, L] -> logits [B, N, vocab] for the last N positions.
+
+        cond: what the rows are conditioned on (its `elapsed` aligned with tokens); it joins the
+        latents' query stream only (model/conditioning.py).
 
         band: generation past max_len (DESIGN.md section 6). Every cross-attention layer then
         sees, for the latent at q, only the inputs in (q - band, q], windows relative to each
@@ -70,6 +83,8 @@ class PerceiverAR(TokenModel):
         N = min(num_latents or self.cfg.num_latents, L)
         pad = tokens == PAD  # [B, L]
         h = self.embed_dropout(self.embed(tokens[:, -N:]))  # [B, N, D] the latents
+        if self.conditioner is not None:
+            h = h + self.conditioner(cond, B, N, tokens.device)
         q_pos, q_pad = positions[:, -N:], pad[:, -N:]
         if self.training and self.cfg.prefix_dropout > 0 and L > N:
             tokens, positions, pad = drop_prefix(tokens, positions, pad, N, self.cfg.prefix_dropout)
@@ -121,14 +136,19 @@ class PerceiverAR(TokenModel):
         for block, table, kv in zip(self.cross, cache["tables"], cache["cross"]):
             kv.write(start, *block.keys_values(tokens, table, self.rotary, angles))
 
-    def latent_logits(self, tokens: Tensor, start: int, cache: dict, band: int, refill: bool) -> Tensor:
+    def latent_logits(
+        self, tokens: Tensor, start: int, cache: dict, band: int, refill: bool, cond: Cond | None = None
+    ) -> Tensor:
         """Logits [B, T, vocab] of latents tokens [B, T] at positions start..start+T-1, whose
         inputs are already cached. refill: they start a new latent cache (self-attention over
-        them only); otherwise T = 1 and the latent joins those cached since the last refill."""
+        them only); otherwise T = 1 and the latent joins those cached since the last refill.
+        cond.elapsed ends with these T positions."""
         B, T = tokens.shape
         q_pos = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         q_angles = self.rotary.angles(q_pos)
         h = self.embed(tokens)
+        if self.conditioner is not None:
+            h = h + self.conditioner(cond, B, T, tokens.device)
         for block, window, kv in zip(self.cross, self.windows, cache["cross"]):
             w, _ = self._window(window, band)
             lo = max(0, start - w + 1)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from perceiver_music.config import ModelConfig
 from perceiver_music.model.attention import KVCache, Rotary, SelfAttentionBlock, attention_mask, causal_mask
 from perceiver_music.model.base import TokenModel
+from perceiver_music.model.conditioning import Cond, Conditioner
 from perceiver_music.tokens.performance import PAD
 
 
@@ -24,16 +25,28 @@ class Transformer(TokenModel):
         )
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.vocab_size)
+        self.conditioner = Conditioner(cfg) if cfg.condition else None
         self.init_weights()
+        if self.conditioner is not None:
+            self.conditioner.zero_outputs()
 
     def forward(
-        self, tokens: Tensor, positions: Tensor, num_latents: int | None = None, band: int | None = None
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        num_latents: int | None = None,
+        band: int | None = None,
+        cond: Cond | None = None,
     ) -> Tensor:
         """tokens, positions [B, L] -> logits [B, N, vocab] for the last N positions.
-        band: generation past max_len; each position attends to (p - band, p] only."""
-        N = min(num_latents or self.cfg.num_latents, tokens.shape[1])
+        band: generation past max_len; each position attends to (p - band, p] only.
+        cond: conditioning added to every position's embedding (its elapsed aligned with tokens)."""
+        B, L = tokens.shape
+        N = min(num_latents or self.cfg.num_latents, L)
         pad = tokens == PAD
         h = self.embed_dropout(self.embed(tokens))  # [B, L, D]
+        if self.conditioner is not None:
+            h = h + self.conditioner(cond, B, L, tokens.device)
         angles = self.rotary.angles(positions)
         mask = (
             causal_mask(positions, pad)
@@ -50,7 +63,9 @@ class Transformer(TokenModel):
         E = self.cfg.width // self.cfg.heads
         return [KVCache.empty(batch, self.cfg.heads, total, E, like) for _ in self.blocks]
 
-    def cached_logits(self, tokens: Tensor, start: int, cache: list[KVCache], band: int) -> Tensor:
+    def cached_logits(
+        self, tokens: Tensor, start: int, cache: list[KVCache], band: int, cond: Cond | None = None
+    ) -> Tensor:
         """Logits [B, T, vocab] of tokens [B, T] at positions start..start+T-1; earlier
         positions' keys/values come from the cache, these are added to it."""
         B, T = tokens.shape
@@ -62,6 +77,8 @@ class Transformer(TokenModel):
             k_pos = torch.arange(lo, start + T, device=tokens.device).expand(B, -1)
             mask = attention_mask(positions, k_pos, torch.zeros_like(k_pos, dtype=torch.bool), None, band)
         h = self.embed(tokens)
+        if self.conditioner is not None:
+            h = h + self.conditioner(cond, B, T, tokens.device)
         for block, kv in zip(self.blocks, cache):
             h = block(h, mask, self.rotary, angles, kv, start, lo)
         return self.head(self.norm(h))

@@ -1,0 +1,150 @@
+"""How much each condition tells a conditioned model, measured as NLL on held-out windows.
+
+    python bench/conditioning.py --ckpt RUN [--baseline UNCONDITIONED_RUN] --data DATA_DIR \
+        [--split test] [--windows 256] [--out bench/results/conditioning.json]
+
+On the same evenly spaced validation-style windows of the split (every target once, no
+augmentation), the conditioned model's NLL (nats/token):
+
+* told nothing (no label, no length, no style; the time elapsed is always known), and, with
+  --baseline, the unconditioned model of the same budget on the same windows;
+* composer: the true one / none / a wrong one (the next label in the model's list);
+* style: from another part of the same piece / from a window of another piece / none;
+* timing: the piece's true total length / none;
+* everything true.
+
+Expected when conditioning works: true < none < wrong for the composer, own < none and own <
+other for the style, true < none for the length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a conditioned run or checkpoint")
+    p.add_argument("--baseline", help="an unconditioned run of the same budget, for comparison")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--windows", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="bench/results/conditioning.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from perceiver_music.checkpoint import load_model
+    from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
+    from perceiver_music.model.base import nll_sum
+    from perceiver_music.train import batch_cond, collate
+
+    model, cfg = load_model(args.ckpt)
+    m = cfg.model
+    if not m.condition:
+        print(f"{args.ckpt}: not a conditioned model (model.condition is empty)", file=sys.stderr)
+        return 2
+    data = TokenData(args.data, args.split)
+    conditions = Conditions(
+        labels=list(m.labels) if m.conditioned_on("label") else [],
+        timing=m.conditioned_on("timing"),
+        style_len=m.style_len if m.conditioned_on("style") else 0,
+    )
+    ds = WindowDataset(data, cfg.data, m.max_len, m.num_latents, train=False, conditions=conditions)
+    idx = np.unique(np.linspace(0, len(ds) - 1, min(args.windows, len(ds))).astype(int))
+    windows = [ds[int(i)] for i in idx]
+    batches = [collate(windows[i : i + args.batch]) for i in range(0, len(windows), args.batch)]
+    pieces = [
+        np.array([w.piece for w in windows[i : i + args.batch]]) for i in range(0, len(windows), args.batch)
+    ]
+    n_labels = len(m.labels)
+
+    def variant(batch, piece_ids, name):
+        c = batch_cond(batch)
+        none = replace(c, label=torch.zeros_like(c.label), total=torch.zeros_like(c.total), reference=None)
+        if name == "nothing":
+            return none
+        if name == "all true":
+            return c
+        if name == "composer: true":
+            return replace(none, label=c.label)
+        if name == "composer: wrong":  # the next label: never the true one
+            return replace(none, label=torch.where(c.label > 0, c.label % n_labels + 1, 0))
+        if name == "length: true":
+            return replace(none, total=c.total)
+        if name == "style: own piece":
+            return replace(none, reference=c.reference)
+        if name == "style: other piece":  # each row takes a reference of a row of another piece
+            order = _other_piece_order(piece_ids)
+            return replace(none, reference=c.reference[order])
+        raise ValueError(name)
+
+    names = ["nothing"]
+    if m.conditioned_on("label"):
+        names += ["composer: true", "composer: wrong"]
+    if m.conditioned_on("timing"):
+        names += ["length: true"]
+    if m.conditioned_on("style"):
+        names += ["style: own piece", "style: other piece"]
+    names += ["all true"]
+
+    results: dict[str, float] = {}
+    with torch.no_grad():
+        for name in names:
+            total, count = 0.0, 0
+            for batch, piece_ids in zip(batches, pieces):
+                logits = model(batch["inputs"], batch["positions"], cond=variant(batch, piece_ids, name))
+                nll, n = nll_sum(logits, batch["targets"])
+                total, count = total + float(nll), count + int(n)
+            results[name] = total / count
+            print(f"{name:22s} {results[name]:.4f} nats/token", flush=True)
+        if args.baseline:
+            base, _ = load_model(args.baseline)
+            total, count = 0.0, 0
+            for batch in batches:
+                nll, n = nll_sum(base(batch["inputs"], batch["positions"]), batch["targets"])
+                total, count = total + float(nll), count + int(n)
+            results["unconditioned baseline"] = total / count
+            print(f"{'unconditioned baseline':22s} {results['unconditioned baseline']:.4f} nats/token")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "ckpt": args.ckpt,
+        "baseline": args.baseline,
+        "data": args.data,
+        "split": args.split,
+        "windows": len(windows),
+        "targets": count,
+        "nll": {k: round(v, 5) for k, v in results.items()},
+        "bits": {k: round(v / math.log(2), 5) for k, v in results.items()},
+    }
+    out.write_text(json.dumps(record, indent=1))
+    print(f"written: {out}")
+    return 0
+
+
+def _other_piece_order(piece_ids: np.ndarray) -> np.ndarray:
+    """For each row, the index of a row from another piece (itself if the batch has one piece)."""
+    order = np.arange(len(piece_ids))
+    for i in range(len(piece_ids)):
+        for k in range(1, len(piece_ids)):
+            j = (i + k) % len(piece_ids)
+            if piece_ids[j] != piece_ids[i]:
+                order[i] = j
+                break
+    return order
+
+
+if __name__ == "__main__":
+    sys.exit(main())

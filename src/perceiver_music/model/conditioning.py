@@ -1,0 +1,177 @@
+"""Conditioning (DESIGN.md section 8b): a composer label, timing, and the style of a performance.
+
+All three enter the same way: one vector per position, added to the stream of queries (the
+latents' embeddings in Perceiver AR, every position's embedding in the Transformer baseline).
+An input's cross-attention key and value stay a function of its token, so Perceiver AR's
+per-vocabulary key/value table stays valid; a position's vector depends only on the
+sequence's fixed conditions and on the time elapsed through that position's token, which the
+sampler knows as it goes, so cached generation stays exact.
+
+* label (Jukebox's artist/genre): a learned embedding per label name; row 0 is "no label".
+* timing (Jukebox's total length, offset and fraction): range embeddings of the piece's total
+  length, of the time elapsed at the position, and of their ratio. Bucket 0 is "unknown": a
+  total left out (timing dropout, or generation without a length) leaves the fraction unknown.
+* style (the Transformer autoencoder): a small bidirectional Transformer over a reference
+  performance's tokens, mean-pooled over its positions to one vector (`StyleEncoder`), then
+  projected; a row without a reference gets a learned "no style" vector.
+
+The output embeddings and the style projection start at zero, so a conditioned model starts
+out computing exactly what the unconditioned model it extends computes (a run can take
+conditioning on mid-way, `train --branch`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor, nn
+
+from perceiver_music.config import ModelConfig
+from perceiver_music.model.attention import Rotary, SelfAttentionBlock
+from perceiver_music.tokens.performance import PAD
+
+MAX_SECONDS = 3600.0  # timing buckets are log-spaced up to an hour; longer is the last bucket
+STYLE_HEADS = 4
+
+
+@dataclass
+class Cond:
+    """What each row of a batch is conditioned on. Every field may be None (nothing given)."""
+
+    label: Tensor | None = None  # [B] long: 1 + index into ModelConfig.labels, 0: no label
+    total: Tensor | None = None  # [B] float seconds of the whole piece, <= 0: unknown
+    elapsed: Tensor | None = None  # [B, L] float seconds through each position's token
+    reference: Tensor | None = None  # [B, R] reference tokens for the style encoder (PAD: none)
+    style: Tensor | None = None  # [B, S] style vectors, instead of a reference (generation)
+    has_style: Tensor | None = None  # [B] bool: rows whose style (reference or vector) is real
+
+    def last(self, n: int) -> Cond:
+        """The same with `elapsed` cut to its last n positions."""
+        return self if self.elapsed is None else replace(self, elapsed=self.elapsed[:, -n:])
+
+    def with_elapsed(self, elapsed: Tensor) -> Cond:
+        return replace(self, elapsed=elapsed)
+
+    def to(self, device) -> Cond:
+        return Cond(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _to(x: Tensor | None, device) -> Tensor | None:
+    return None if x is None else x.to(device)
+
+
+def log_bucket(seconds: Tensor, bins: int) -> Tensor:
+    """Seconds -> 1..bins, log-spaced (a second early in a piece matters more than late)."""
+    x = torch.log1p(seconds.clamp_min(0).float()) / math.log1p(MAX_SECONDS)
+    return 1 + (x * bins).long().clamp(0, bins - 1)
+
+
+def fraction_bucket(elapsed: Tensor, total: Tensor, bins: int) -> Tensor:
+    """elapsed [B, T] / total [B] -> 1..bins linearly; 0 where the total is unknown."""
+    known = (total > 0)[:, None]
+    frac = elapsed.float() / total.float().clamp_min(1e-6)[:, None]
+    return torch.where(known, 1 + (frac * bins).long().clamp(0, bins - 1), 0)
+
+
+class StyleEncoder(nn.Module):
+    """Reference tokens [B, R] -> style vectors [B, style_width]: embedding, a few
+    bidirectional self-attention layers, mean over the non-PAD positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        S = cfg.style_width
+        self.embed = nn.Embedding(cfg.vocab_size, S)
+        self.rotary = Rotary(S // STYLE_HEADS, cfg.rotary_fraction, cfg.rotary_base)
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(S, STYLE_HEADS, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.style_layers)
+        )
+        self.norm = nn.LayerNorm(S)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        B, R = tokens.shape
+        pad = tokens == PAD  # [B, R]
+        positions = torch.arange(R, device=tokens.device).expand(B, R)
+        # Bidirectional: every position sees every non-PAD one (a PAD query sees all: no NaN).
+        mask = (~pad)[:, None, None, :] | pad[:, None, :, None]  # [B, 1, R, R]
+        angles = self.rotary.angles(positions)
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h, mask, self.rotary, angles)
+        h = self.norm(h)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)  # [B, R, 1]
+        return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # [B, S]
+
+
+class Conditioner(nn.Module):
+    """Cond -> the vector [B, T, D] added to the queries at T positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, bins = cfg.width, cfg.timing_bins
+        self.cfg = cfg
+        self.label = nn.Embedding(len(cfg.labels) + 1, D) if cfg.conditioned_on("label") else None
+        if cfg.conditioned_on("timing"):
+            self.total = nn.Embedding(bins + 1, D)
+            self.elapsed = nn.Embedding(bins + 1, D)
+            self.fraction = nn.Embedding(bins + 1, D)
+        if cfg.conditioned_on("style"):
+            self.style_encoder = StyleEncoder(cfg)
+            self.style_proj = nn.Linear(cfg.style_width, D)
+            self.no_style = nn.Parameter(torch.zeros(D))
+
+    def zero_outputs(self) -> None:
+        """Start as a no-op (called after the model's own initialisation)."""
+        outputs = [
+            getattr(self, name, None) for name in ("label", "total", "elapsed", "fraction", "style_proj")
+        ]
+        with torch.no_grad():
+            for module in outputs:
+                for p in module.parameters() if module is not None else ():
+                    p.zero_()
+
+    def style_vectors(self, cond: Cond, batch: int, device) -> tuple[Tensor, Tensor]:
+        """(vectors [B, S], present [B] bool) from the reference tokens or the given vectors."""
+        if cond.style is not None:
+            vectors = cond.style
+        elif cond.reference is not None:
+            vectors = self.style_encoder(cond.reference)
+        else:
+            return torch.zeros(batch, self.cfg.style_width, device=device), torch.zeros(
+                batch, dtype=torch.bool, device=device
+            )
+        present = cond.has_style
+        if present is None:
+            present = (
+                (cond.reference != PAD).any(-1)
+                if cond.style is None
+                else torch.ones(batch, dtype=torch.bool, device=device)
+            )
+        return vectors, present
+
+    def forward(self, cond: Cond | None, batch: int, length: int, device) -> Tensor:
+        """[B, T, D] for T = length positions whose elapsed times are cond.elapsed[:, -T:]."""
+        cond = cond or Cond()
+        out = torch.zeros(batch, 1, self.cfg.width, device=device)
+        if self.label is not None:
+            label = (
+                cond.label if cond.label is not None else torch.zeros(batch, dtype=torch.long, device=device)
+            )
+            out = out + self.label(label)[:, None]
+        if self.cfg.conditioned_on("timing"):
+            bins = self.cfg.timing_bins
+            total = cond.total if cond.total is not None else torch.zeros(batch, device=device)
+            if cond.elapsed is None:
+                elapsed_b = torch.zeros(batch, length, dtype=torch.long, device=device)
+                frac_b = elapsed_b
+            else:
+                elapsed = cond.elapsed[:, -length:]
+                elapsed_b, frac_b = log_bucket(elapsed, bins), fraction_bucket(elapsed, total, bins)
+            total_b = torch.where(total > 0, log_bucket(total, bins), 0)
+            out = out + self.total(total_b)[:, None] + self.elapsed(elapsed_b) + self.fraction(frac_b)
+        if self.cfg.conditioned_on("style"):
+            vectors, present = self.style_vectors(cond, batch, device)
+            styled = torch.where(present[:, None], self.style_proj(vectors.to(out.dtype)), self.no_style)
+            out = out + styled[:, None]
+        return out.expand(batch, length, -1) if out.shape[1] == 1 else out

@@ -1,0 +1,338 @@
+"""Conditioning (label, timing, style): the windows carry the right conditions, a conditioned
+model starts as the unconditioned one, cached generation stays exact under every condition and
+under guidance, and a run can branch into a conditioned one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from perceiver_music.config import DataConfig, ModelConfig, PrepareConfig, TokenizerConfig, load_config
+from perceiver_music.data.prepare import prepare
+from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
+from perceiver_music.model import build_model
+from perceiver_music.model.conditioning import Cond
+from perceiver_music.sample import CachedStream, ReferenceStream, generate
+from perceiver_music.sample import Conditions as SampleConditions
+from perceiver_music.tokens.performance import BOS, PAD, Vocab
+from perceiver_music.train import train
+
+from conftest import random_pieces
+
+V = 391
+VOCAB = Vocab(TokenizerConfig())
+ARCHS = {
+    "perceiver_ar": dict(arch="perceiver_ar", scales=["full"]),
+    "perceivers": dict(arch="perceiver_ar", scales=["full", 6]),
+    "transformer": dict(arch="transformer", num_latents=24),
+}
+ALL = ["label", "timing", "style"]
+
+
+def tiny(condition=ALL, randomize=True, **kw):
+    base = dict(vocab_size=V, max_len=24, num_latents=8, width=32, heads=4, layers=2, dropout=0.0, z_loss=0.0)
+    base.update(kw)
+    cfg = ModelConfig(**base, condition=list(condition), labels=["A", "B"], style_len=16, style_width=16)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    if randomize and model.conditioner is not None:  # as if trained: conditioning changes the logits
+        with torch.no_grad():
+            for p in model.conditioner.parameters():
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def labelled_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cond")
+    midi = random_pieces(root / "midi", 10, seed=3, notes=150, span_ms=30_000, length_ms=250)
+    csv = root / "labels.csv"
+    csv.write_text("path,label\n" + "".join(f"p{i}.mid,{'AB'[i % 2]}\n" for i in range(9)))  # p9: none
+    prepare(
+        midi,
+        root / "data",
+        PrepareConfig(workers=1, split="hash", valid_fraction=0.2),
+        labels=csv,
+        progress=False,
+    )
+    return root / "data"
+
+
+def windows(data_dir, split="train", train=True, **conditions):
+    data = TokenData(data_dir, split)
+    c = Conditions(**{"labels": ["A", "B"], "timing": True, "style_len": 32, **conditions})
+    return data, WindowDataset(data, DataConfig(), 64, 16, train=train, seed=1, conditions=c)
+
+
+def test_windows_carry_label_timing_and_a_reference_outside_the_window(labelled_data):
+    data, ds = windows(labelled_data, train=False)
+    sps = data.tokenizer.steps_per_second
+    plain = WindowDataset(data, DataConfig(), 64, 16, train=False)
+    seen_reference = 0
+    for i in range(len(ds)):
+        w, u = ds[i], plain[i]
+        assert np.array_equal(w.inputs, u.inputs) and np.array_equal(w.targets, u.targets)
+        tokens = np.asarray(data.piece(w.piece), np.int64)
+        label = data.labels[w.piece]
+        assert w.label == ({"A": 1, "B": 2}[label] if label else 0)
+        assert w.total == pytest.approx(VOCAB.shift_steps(tokens).sum() / sps)
+        # Elapsed time through each input: the piece's own clock, not the window's.
+        end = w.positions[-1] + 1
+        assert w.elapsed[-1] == pytest.approx(VOCAB.shift_steps(tokens[:end]).sum() / sps, abs=1e-3)
+        assert np.all(w.elapsed[w.inputs == PAD] == 0)
+        ref = w.reference[w.reference != PAD]
+        if len(ref):
+            seen_reference += 1
+            starts = [
+                s for s in range(len(tokens) - len(ref) + 1) if np.array_equal(tokens[s : s + len(ref)], ref)
+            ]
+            window_lo = end + 1 - 65  # inputs and the final target: tokens[end - 64 : end + 1]
+            assert any(s + len(ref) <= window_lo or s >= end + 1 for s in starts), "the reference overlaps"
+    assert seen_reference > 0
+
+
+def test_training_windows_drop_each_condition_at_its_rate_and_keep_the_token_stream(labelled_data):
+    data, kept = windows(labelled_data)
+    _, dropped = windows(labelled_data, label_dropout=1, timing_dropout=1, style_dropout=1)
+    plain = WindowDataset(data, DataConfig(), 64, 16, train=True, seed=1)
+    labelled = 0
+    for i in range(40):
+        a, b, u = kept[i], dropped[i], plain[i]
+        assert np.array_equal(a.inputs, u.inputs) and np.array_equal(b.inputs, u.inputs)
+        assert b.label == 0 and b.total == 0 and np.all(b.reference == PAD)
+        assert np.array_equal(a.elapsed, b.elapsed)  # time elapsed is read from the tokens: never dropped
+        labelled += a.label > 0
+        assert a.total > 0
+    assert labelled > 20
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_a_new_conditioned_model_computes_what_the_unconditioned_one_does(name):
+    cond_model = tiny(randomize=False, **ARCHS[name])
+    plain = build_model(ModelConfig(**{**cond_model.cfg.__dict__, "condition": []})).eval()
+    plain.load_state_dict(
+        {k: v for k, v in cond_model.state_dict().items() if not k.startswith("conditioner.")}
+    )
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, V, (2, 24), generator=g)
+    positions = torch.arange(24).expand(2, 24)
+    cond = Cond(
+        label=torch.tensor([1, 2]),
+        total=torch.tensor([30.0, 0.0]),
+        elapsed=torch.rand(2, 24, generator=g) * 30,
+        reference=torch.randint(3, V, (2, 16), generator=g),
+    )
+    with torch.no_grad():
+        assert torch.equal(cond_model(tokens, positions, cond=cond), plain(tokens, positions))
+        trained = tiny(**ARCHS[name])  # conditioning weights away from zero: it matters
+        assert not torch.allclose(trained(tokens, positions, cond=cond), trained(tokens, positions))
+
+
+def _forced_with_time(g, rows, steps):
+    """Random tokens with plenty of TIME_SHIFTs, so the elapsed time moves."""
+    forced = torch.randint(3, V, (rows, steps), generator=g)
+    shifts = torch.randint(VOCAB.time_shift, VOCAB.time_shift + 100, (rows, steps), generator=g)
+    return torch.where(torch.rand(rows, steps, generator=g) < 0.4, shifts, forced)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("condition", [["label"], ["timing"], ["style"], ALL])
+def test_cached_logits_equal_the_reference_under_conditioning(name, condition):
+    model = tiny(condition, **ARCHS[name])
+    g = torch.Generator().manual_seed(7)
+    prompt = _forced_with_time(g, 2, 13)
+    prompt[:, 0] = BOS
+    forced = _forced_with_time(g, 2, 60)  # past max_len (24), through refills
+    conditions = SampleConditions(
+        label=2, total_seconds=40.0, style=torch.randn(16, generator=g), start_seconds=3.0
+    )
+    cond = conditions.cond(2, "cpu")
+    kw = {"cond": cond, "token_seconds": conditions.token_seconds(V, "cpu"), "start_seconds": 3.0}
+    total = 13 + 60
+    with torch.no_grad():
+        cached, ref = CachedStream(model, prompt, total, **kw), ReferenceStream(model, prompt, total, **kw)
+        plain = CachedStream(model, prompt, total)
+        assert torch.allclose(cached.current, ref.current, atol=1e-4)
+        differs = False
+        for i in range(59):
+            a, b, c = cached.append(forced[:, i]), ref.append(forced[:, i]), plain.append(forced[:, i])
+            assert torch.allclose(a, b, atol=1e-4), (i, (a - b).abs().max())
+            differs |= not torch.allclose(a, c, atol=1e-3)
+        assert differs  # the conditions did reach the model
+    assert cached.elapsed[0, -2] == pytest.approx(
+        3.0
+        + float(
+            conditions.token_seconds(V, "cpu")[prompt[0]].sum()
+            + conditions.token_seconds(V, "cpu")[forced[0, :59]].sum()
+        )
+    )
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_guided_generation_is_the_same_with_and_without_the_cache(name):
+    model = tiny(**ARCHS[name])
+    prompt = torch.full((2, 1), BOS)
+    c = SampleConditions(label=1, total_seconds=20.0, style=torch.randn(16), guidance=2.5)
+    rows = [generate(model, prompt, 50, seed=3, use_cache=cache, conditions=c) for cache in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*rows))
+    unguided = generate(model, prompt, 50, seed=3, conditions=SampleConditions(label=1, total_seconds=20.0))
+    assert any(not torch.equal(a, b) for a, b in zip(rows[0], unguided))
+
+
+def test_guidance_mixes_conditioned_and_unconditioned_logits():
+    """guidance 0 samples exactly what the unconditioned model would; 1 what the conditioned one would."""
+    model = tiny()
+    prompt = torch.full((2, 1), BOS)
+    given = dict(label=2, total_seconds=15.0, style=torch.randn(16))
+    nothing = generate(model, prompt, 40, seed=5, conditions=SampleConditions())
+    g0 = generate(model, prompt, 40, seed=5, conditions=SampleConditions(**given, guidance=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(nothing, g0))
+    g1 = generate(model, prompt, 40, seed=5, conditions=SampleConditions(**given, guidance=1.0))
+    assert any(not torch.equal(a, b) for a, b in zip(nothing, g1))
+    with pytest.raises(ValueError, match="guidance"):
+        SampleConditions(guidance=-1)
+
+
+TINY = [
+    "model.max_len=64",
+    "model.num_latents=16",
+    "model.width=32",
+    "model.heads=4",
+    "model.layers=1",
+    "model.scales=[full, 16]",
+    "model.style_len=32",
+    "model.style_width=16",
+    "train.batch_size=2",
+    "train.eval_windows=4",
+    "train.threads=1",
+    "train.log_every=1",
+    "train.eval_every=100",
+    "train.ckpt_every=3",
+]
+
+
+def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path):
+    """The branch's first step is the unconditioned run's own next step (conditioning starts as
+    a no-op and the windows are the same); then it learns its conditioning."""
+    whole = train(
+        load_config("debug", [*TINY, "train.steps=8"]), labelled_data, tmp_path / "plain", progress=False
+    )
+    assert whole.step == 8
+    cfg = load_config("debug", [*TINY, "train.steps=8", "model.condition=[label, timing, style]"])
+    train(
+        cfg,
+        labelled_data,
+        tmp_path / "cond",
+        progress=False,
+        branch=tmp_path / "plain" / "checkpoints" / "step_0000006",
+    )
+    log = lambda run: {r["step"]: r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+    plain, cond = log(tmp_path / "plain"), log(tmp_path / "cond")
+    assert sorted(cond) == list(range(1, 9))  # the source's log up to the branch, then its own
+    assert cond[7]["loss"] == plain[7]["loss"]
+    saved = json.loads((tmp_path / "cond" / "config.json").read_text())["model"]
+    assert saved["condition"] == ["label", "timing", "style"] and saved["labels"] == ["A", "B"]
+    from perceiver_music.checkpoint import load_model
+
+    model, _ = load_model(tmp_path / "cond" / "checkpoints" / "step_0000008")
+    assert float(model.conditioner.label.weight.detach().abs().sum()) > 0  # it has started to learn
+
+
+def test_branch_refuses_a_checkpoint_of_another_model(labelled_data, tmp_path):
+    from perceiver_music.checkpoint import CheckpointError
+
+    train(load_config("debug", [*TINY, "train.steps=3"]), labelled_data, tmp_path / "plain", progress=False)
+    wider = load_config("debug", [*TINY, "train.steps=6", "model.width=64", "model.condition=[label]"])
+    with pytest.raises(CheckpointError, match="not the model of this config"):
+        train(wider, labelled_data, tmp_path / "w", progress=False, branch=tmp_path / "plain")
+
+
+@pytest.fixture(scope="module")
+def conditioned_run(labelled_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cond_run") / "run"
+    cfg = load_config("debug", [*TINY, "train.steps=2", "model.condition=[label, timing, style]"])
+    train(cfg, labelled_data, run, progress=False)
+    return run
+
+
+def test_generate_with_composer_style_guidance_and_a_length(conditioned_run, labelled_data, tmp_path):
+    from perceiver_music.generate import generate_midi, style_embedding
+
+    midi = labelled_data.parent / "midi"
+    a, b = (
+        style_embedding(midi / "p0.mid", conditioned_run),
+        style_embedding(midi / "p1.mid", conditioned_run),
+    )
+    assert a.shape == (16,) and not np.allclose(a, b)
+    out = tmp_path / "gen"
+    result = generate_midi(
+        conditioned_run, out, num=2, seconds=3.0, composer="b", style=midi / "p0.mid", guidance=2.0,
+        render=False, progress=False,
+    )  # fmt: skip
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["composer"] == "b" and settings["guidance"] == 2.0
+    assert settings["total_seconds_told"] == pytest.approx(3.0)
+    # Told 3 s, a timing-conditioned piece may run on (up to 1.25 x) to reach its ending.
+    assert all(s <= 3.0 * 1.25 + 5.5 for s in result.seconds)
+    mixed = generate_midi(
+        conditioned_run, tmp_path / "mix", tokens=20, style=0.5 * a + 0.5 * b, render=False, progress=False
+    )
+    assert mixed.generated_tokens == [20]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--composer", "Bach"], "'Bach' is not one the model knows; it knows: A, B"),
+        (["--guidance", "-1", "--composer", "A"], "--guidance must be >= 0"),
+        (["--guidance", "2"], "--guidance needs something to guide towards"),
+        (["--style", "NOTE"], "not a MIDI file"),
+        (["--style", "EMPTY"], "the reference has no notes"),
+        (["--style", "MISSING"], "no such file"),
+    ],
+)
+def test_generate_refuses_bad_conditioning_before_the_model_loads(
+    conditioned_run, tmp_path, capsys, args, message
+):
+    from perceiver_music.cli import main
+
+    from conftest import write_midi
+
+    (tmp_path / "note.mid").write_text("not midi at all")
+    write_midi(tmp_path / "empty.mid", [])
+    names = {
+        "NOTE": tmp_path / "note.mid",
+        "EMPTY": tmp_path / "empty.mid",
+        "MISSING": tmp_path / "missing.mid",
+    }
+    args = [str(names.get(a, a)) for a in args]
+    code = main(
+        ["generate", "--ckpt", str(conditioned_run), "--out", str(tmp_path / "o"), "--tokens", "5", *args]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unconditioned_model_refuses_conditioning(tiny_run, tmp_path, capsys):
+    from perceiver_music.cli import main
+
+    for flag, value, message in [("--composer", "Chopin", "composers"), ("--style", __file__, "a reference")]:
+        assert (
+            main(["generate", "--ckpt", str(tiny_run / "run"), "--out", str(tmp_path / "o"), flag, value])
+            == 2
+        )
+        assert f"not conditioned on {message}" in capsys.readouterr().err
+
+
+def test_likelihood_of_a_conditioned_model_told_and_not(conditioned_run, labelled_data):
+    from perceiver_music.evaluate.likelihood import evaluate_likelihood
+
+    plain = evaluate_likelihood(conditioned_run, labelled_data, "valid", progress=False)
+    told = evaluate_likelihood(conditioned_run, labelled_data, "valid", progress=False, told=True)
+    assert plain.tokens == told.tokens > 0
+    assert np.isfinite(plain.nats_per_token) and plain.nats_per_token != told.nats_per_token
