@@ -34,11 +34,17 @@ def _training(run: Path) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     t = cfg["train"]
     last = train_rows[-1]
+    best = json.loads((run / "best" / "info.json").read_text())
+    world = best.get("world_size", 1)  # processes (torchrun): each step saw world x batch_size windows
     return {
         "steps": last["step"],
         "hours": last["elapsed_s"] / 3600,
-        "tokens": last["step"] * t["batch_size"] * t.get("grad_accum", 1) * cfg["model"]["num_latents"],
-        "best": json.loads((run / "best" / "info.json").read_text()),
+        "tokens": last["step"]
+        * t["batch_size"]
+        * t.get("grad_accum", 1)
+        * cfg["model"]["num_latents"]
+        * world,
+        "best": best,
         "config": cfg,
     }
 
@@ -92,6 +98,41 @@ def _sampling(runs: Path) -> str:
     secs = g["piece_seconds"]
     sampling = ", ".join(f"{k} {v}" for k, v in g["sampling"].items())
     return f"{g['max_tokens']:,} tokens each, {min(secs):.0f}-{max(secs):.0f} s of music, {sampling}, seed {g['seed']}"
+
+
+def _conditioning(ev: Path, m: dict) -> list[str]:
+    """The card's section on a conditioned model: how to steer it and what each condition is worth."""
+    if not m.get("condition"):
+        return []
+    kinds = {
+        "label": "composer",
+        "timing": "length (total, elapsed, fraction)",
+        "style": "style of a reference",
+    }
+    lines = [
+        "",
+        "## Conditioning",
+        "",
+        "Conditioned on " + ", ".join(kinds[k] for k in m["condition"]) + " (README: Conditioning).",
+    ]
+    if m.get("labels"):
+        lines += ["", "`--composer` takes: " + ", ".join(m["labels"]) + "."]
+    nll = _json(ev / "conditioning" / "conditioning.json")
+    if nll is not None:
+        lines += [
+            "",
+            f"NLL on {nll['windows']} evenly spaced {nll['split']} windows ({nll['targets']:,} targets), "
+            "`python bench/conditioning.py`:",
+            "",
+            "| told | nats/token |",
+            "| --- | ---: |",
+            *[f"| {k} | {v:.4f} |" for k, v in nll["nll"].items()],
+        ]
+    for name in ("composers", "endings", "style"):
+        path = ev / "conditioning" / f"{name}.md"
+        if path.is_file():
+            lines += ["", *path.read_text().strip().splitlines()]
+    return lines
 
 
 def card(runs: Path, data: Path, hardware: str) -> str:
@@ -232,6 +273,7 @@ def card(runs: Path, data: Path, hardware: str) -> str:
             "",
             *table_one(validity),
         ]
+    lines += _conditioning(ev, m)
     lines += [
         "",
         "## Retrain",

@@ -8,6 +8,7 @@
 #   THREADS=1 PARALLEL=1 bash ...                 # train the two side by side, a core each
 #   BASELINE_STEPS=4000 bash ...                  # the baseline on a smaller budget (the card says so)
 #   OLD=runs/old_bundled bash ...                 # also measure the model being replaced (validity table)
+#   UNCOND=runs/x bash ...                        # a conditioned model's unconditioned twin (same budget)
 #
 # Runs on CPU or on a GPU when one is visible (train.precision=auto uses bf16 there).
 # When it is done, `python recipes/bundle_model.py runs/default/perceivers` copies the weights
@@ -21,6 +22,7 @@ OUT=${OUT:-runs/default}
 STEPS=${STEPS:-1800}
 BASELINE_STEPS=${BASELINE_STEPS:-$STEPS}
 OLD=${OLD:-}
+UNCOND=${UNCOND:-}
 THREADS=${THREADS:-}
 PARALLEL=${PARALLEL:-0}
 
@@ -113,5 +115,17 @@ for model in new ${OLD:+old}; do
 done
 perceiver-music evaluate --generated "${validity[@]}" --names "$(IFS=,; echo "${names[*]}")" \
     --reference "$OUT/reference-test" --out "$OUT/eval/validity" --no-plots
+
+# A conditioned model (model.condition): what each condition is worth, and whether it steers.
+if python -c "import json,sys; sys.exit(0 if json.load(open('$OUT/perceivers/config.json'))['model']['condition'] else 1)"; then
+    python bench/conditioning.py --ckpt "$OUT/perceivers" --data "$DATA" --split test \
+        ${UNCOND:+--baseline "$UNCOND"} --out "$OUT/eval/conditioning/conditioning.json"
+    python bench/conditioning_music.py composers --ckpt "$OUT/perceivers" --data "$DATA" --source "$ASAP" \
+        --out "$OUT/eval/conditioning"
+    python bench/conditioning_music.py endings --ckpt "$OUT/perceivers" ${UNCOND:+--baseline "$UNCOND"} \
+        --out "$OUT/eval/conditioning"
+    python bench/conditioning_music.py style --ckpt "$OUT/perceivers" --data "$DATA" --source "$ASAP" \
+        --out "$OUT/eval/conditioning"
+fi
 
 echo "done: python recipes/bundle_model.py copies the PerceiverS model into the package"

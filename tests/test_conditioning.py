@@ -336,3 +336,48 @@ def test_likelihood_of_a_conditioned_model_told_and_not(conditioned_run, labelle
     told = evaluate_likelihood(conditioned_run, labelled_data, "valid", progress=False, told=True)
     assert plain.tokens == told.tokens > 0
     assert np.isfinite(plain.nats_per_token) and plain.nats_per_token != told.nats_per_token
+
+
+def _script(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, Path(__file__).parents[1] / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_conditioning_bench_measures_every_condition_and_the_card_shows_it(
+    conditioned_run, labelled_data, tmp_path
+):
+    bench = _script("bench/conditioning.py")
+    out = tmp_path / "eval" / "conditioning" / "conditioning.json"
+    args = [
+        "--ckpt",
+        str(conditioned_run),
+        "--data",
+        str(labelled_data),
+        "--split",
+        "valid",
+        "--windows",
+        "6",
+    ]
+    assert bench.main([*args, "--baseline", str(conditioned_run), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    told = [
+        "nothing",
+        "composer: true",
+        "composer: wrong",
+        "length: true",
+        "style: own piece",
+        "style: other piece",
+    ]
+    assert set(told) <= set(record["nll"]) and "unconditioned baseline" in record["nll"]
+    assert all(np.isfinite(v) for v in record["nll"].values())
+    # A wrong composer is never the true one: the next label in the list.
+    assert bench._other_piece_order(np.array([3, 3, 5])).tolist() == [2, 2, 0]
+    recipe = _script("recipes/bundle_model.py")
+    model = json.loads((conditioned_run / "config.json").read_text())["model"]
+    section = "\n".join(recipe._conditioning(tmp_path / "eval", model))
+    assert "`--composer` takes: A, B." in section
+    assert f"| composer: wrong | {record['nll']['composer: wrong']:.4f} |" in section

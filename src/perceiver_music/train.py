@@ -505,7 +505,7 @@ def train(
             if main_process:
                 _append_log(run_dir, row, task.log_fields, board)
                 if improved:
-                    ckpt_io.save_best(run_dir, model, cfg, {"step": step, **info})
+                    ckpt_io.save_best(run_dir, model, cfg, {"step": step, "world_size": world, **info})
                 _plot(run_dir, log_rows)
                 if bar is not None:
                     bar.write(f"step {step}: {message}")
