@@ -184,6 +184,9 @@ class TrainConfig:
     label_dropout: float = 0.15
     timing_dropout: float = 0.15
     style_dropout: float = 0.25
+    # ... and the share told nothing at all (each alone rarely drops all three together, and
+    # "nothing" is what an unconditioned generation and guidance's second row ask for).
+    condition_dropout: float = 0.2
 
     def __post_init__(self) -> None:
         for name in (
@@ -201,7 +204,7 @@ class TrainConfig:
             raise ConfigError("train.lr must be positive and train.min_lr in [0, lr]")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.eval_windows < 1:
             raise ConfigError("train.warmup_steps and grad_clip must be >= 0, eval_windows >= 1")
-        for name in ("label_dropout", "timing_dropout", "style_dropout"):
+        for name in ("label_dropout", "timing_dropout", "style_dropout", "condition_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} must be in [0, 1]")
 

@@ -124,6 +124,7 @@ def window_conditions(cfg: Config) -> Conditions | None:
         label_dropout=t.label_dropout,
         timing_dropout=t.timing_dropout,
         style_dropout=t.style_dropout,
+        condition_dropout=t.condition_dropout,
     )
 
 

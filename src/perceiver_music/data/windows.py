@@ -18,8 +18,8 @@ piece's label, the piece's total length and the time elapsed through each input 
 the window's stretch), and a style reference: `style_len` tokens of the same piece outside
 the window, augmented as the window is, so the model learns the performance's manner rather
 than copying the notes it must predict. Training windows drop each of the three at its own
-rate; the draws come after the window's own, so its tokens are those an unconditioned run
-draws.
+rate, and all three at once at another; the draws come after the window's own, so its tokens
+are those an unconditioned run draws.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Conditions:
     label_dropout: float = 0.0
     timing_dropout: float = 0.0
     style_dropout: float = 0.0
+    condition_dropout: float = 0.0  # windows that drop all three at once
 
 
 @dataclass
@@ -200,7 +201,9 @@ class WindowDataset:
         least the window's inputs and target)."""
         c, vocab, sps = self.conditions, self.vocab, self.data.tokenizer.steps_per_second
         piece = window.piece
-        drop = rng.random(3) if rng is not None else np.ones(3)  # always 3 draws: a fixed stream
+        drop = rng.random(4) if rng is not None else np.ones(4)  # always 4 draws: a fixed stream
+        if drop[3] < c.condition_dropout:
+            drop[:3] = -1.0  # below every rate: all dropped
         if c.labels and drop[0] >= c.label_dropout:
             window.label = self._label_ids[piece]
         if c.timing:
