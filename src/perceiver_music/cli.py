@@ -120,6 +120,28 @@ def cmd_prepare_audio(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_codes(args: argparse.Namespace) -> int:
+    from perceiver_music.audio.codes import prepare_codes
+    from perceiver_music.config import ConfigError
+
+    run = _codec_run(args)
+    if run is None:
+        return 2
+    try:
+        result = prepare_codes(
+            args.data_dir,
+            run,
+            args.out,
+            levels=None if args.level is None else [args.level],
+            codec_path=args.codec,
+            progress=not args.quiet,
+        )
+    except (FileNotFoundError, ConfigError) as e:
+        return _fail(str(e))
+    print(result.summary())
+    return 0
+
+
 def _codec_run(args: argparse.Namespace):
     """The codec of --codec, or None after printing why not."""
     from perceiver_music.audio.codec import CodecRun
@@ -266,8 +288,53 @@ def _pitch_range(text: str) -> tuple[int, int]:
     return int(low), int(high)
 
 
+def _generate_audio(args: argparse.Namespace) -> int:
+    """generate --ckpt PRIORS_DIR: audio through the priors, upsamplers and codec of priors.json."""
+    from perceiver_music.audio.generate import PriorsError, generate_audio
+    from perceiver_music.generate_settings import check_sampling
+    from perceiver_music.sample import SamplingConfig
+
+    if args.seconds is None:
+        return _fail("audio generation (--ckpt PRIORS_DIR) takes --seconds S, the length to generate")
+    if args.tokens is not None or args.prompt_tokens is not None or args.prompt_seconds is not None:
+        return _fail("--tokens, --prompt-tokens and --prompt-seconds are for MIDI; audio takes --seconds")
+    if args.prompt is not None and not Path(args.prompt).is_file():
+        return _fail(f"{args.prompt}: no such prompt file")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.min_p, (0, 127))
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, keyboard=False)
+        result = generate_audio(
+            args.ckpt,
+            args.out,
+            args.seconds,
+            prompt=args.prompt,
+            num=args.num,
+            sampling=sampling,
+            seed=args.seed,
+            use_cache=not args.no_cache,
+            refill=args.refill,
+            device=_device(args.device),
+            precision=args.precision,
+            progress=not args.quiet,
+        )
+    except (PriorsError, ValueError) as e:
+        return _fail(str(e))
+    for wav, codes in zip(result.audio_files, result.codes_files):
+        print(
+            f"{wav}: {result.prompt_seconds:.2f} s of prompt + {result.seconds:g} s generated (codes in {codes.name})"
+        )
+    print(
+        f"{result.seconds * len(result.audio_files):g} s of audio in {result.elapsed:.1f} s "
+        f"({result.speed:.3f} s of audio per second); settings in {result.out_dir / 'generate.json'}"
+    )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from perceiver_music.generate_settings import check_generate
+
+    if args.ckpt is not None and (Path(args.ckpt) / "priors.json").is_file():  # audio.generate.PRIORS_FILE
+        return _generate_audio(args)
 
     # Every setting is checked before torch and the model load.
     try:
@@ -565,6 +632,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare_audio)
 
     p = sub.add_parser(
+        "prepare-codes",
+        help="encode a prepare-audio folder with a codec into token data, one folder per level",
+        description="Encode every file of DATA_DIR (made by `prepare-audio`) with the codec of --codec at "
+        "every level into CODES_DIR/level<L>/, in the format of `prepare` (ids 3 + code; RVQ frames "
+        "flattened, codebook k in its own id range), for `train`, `evaluate --ckpt` and upsamplers.",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.add_argument("--codec", required=True, metavar="RUN", help="a VQ-VAE run folder (or checkpoint)")
+    p.add_argument("--out", required=True, metavar="CODES_DIR")
+    p.add_argument("--level", type=int, help="encode only this level (default: every level)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_codes)
+
+    p = sub.add_parser(
         "encode",
         help="audio files to codes with a trained codec",
         description="Encode audio files (any rate, any channels) to FILE.codes.npz: every level's "
@@ -614,10 +696,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ckpt",
-        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model)",
+        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model); "
+        "a PRIORS_DIR (with priors.json) generates audio",
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR")
-    p.add_argument("--prompt", metavar="FILE.mid", help="continue this MIDI file")
+    p.add_argument(
+        "--prompt",
+        metavar="FILE.mid",
+        help="continue this MIDI file (audio: this recording, at the codec's rate)",
+    )
     p.add_argument("--prompt-tokens", type=int, metavar="K", help="use only the last K tokens of the prompt")
     p.add_argument(
         "--prompt-seconds", type=float, metavar="S", help="use only the last S seconds of the prompt"

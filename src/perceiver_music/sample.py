@@ -236,6 +236,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     stop: Callable[[Tensor], Tensor] | None = None,
     precision: str = "auto",
+    logits_mask: KeyboardMask | None = None,
 ) -> list[Tensor]:
     """Continue each row of prompt [B, P] by up to max_new_tokens tokens.
 
@@ -247,16 +248,22 @@ def generate(
     attention stay float32) or "auto" (bf16 on GPU, fp32 on CPU). One autocast context spans
     the whole generation, so each weight is cast to bf16 once, not once per token (autocast
     keeps those copies for parameters that require grad, as a loaded model's do).
+
+    logits_mask: an object with `apply(logits [B, V])` and `update(tokens [B])`, like
+    KeyboardMask, used instead of it (audio codes: audio.codes.CodebookMask).
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     with autocast(prompt.device, precision):
         return _generate(
-            model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop
-        )
+            model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop,
+            logits_mask,
+        )  # fmt: skip
 
 
-def _generate(model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop):
+def _generate(
+    model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop, logits_mask
+):
     sampling = sampling or SamplingConfig()
     model.eval()
     generator = torch.Generator(device=prompt.device)
@@ -266,7 +273,9 @@ def _generate(model, prompt, max_new_tokens, sampling, seed, use_cache, refill, 
     stream = (CachedStream if use_cache else ReferenceStream)(model, prompt, P + max_new_tokens, refill)
     end = torch.full((B,), P + max_new_tokens, dtype=torch.long)  # each row's length
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    keyboard = KeyboardMask(prompt, sampling.pitch_range) if sampling.keyboard else None
+    keyboard = logits_mask
+    if keyboard is None and sampling.keyboard:
+        keyboard = KeyboardMask(prompt, sampling.pitch_range)
     logits = stream.current
     for i in range(max_new_tokens):
         token = sample_next(logits, sampling, generator, keyboard)

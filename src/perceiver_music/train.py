@@ -79,6 +79,12 @@ class _Batches(torch.utils.data.Dataset):
         return self.collate([self.windows[i] for i in range(first, first + self.batch_size)])
 
 
+def conditions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch's tensors beyond inputs, positions and targets: keyword arguments of the model
+    (an audio upsampler's upper codes)."""
+    return {k: v for k, v in batch.items() if k not in ("inputs", "positions", "targets")}
+
+
 def collate(windows) -> dict[str, torch.Tensor]:
     return {
         "inputs": torch.from_numpy(np.stack([w.inputs for w in windows])),
@@ -108,16 +114,18 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_windows(model, windows: WindowDataset, indices, batch_size, device, precision, rank=0, world=1):
+def evaluate_windows(
+    model, windows: WindowDataset, indices, batch_size, device, precision, rank=0, world=1, collate_fn=None
+):
     """Validation NLL in nats per token over the given windows (split across processes)."""
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     mine = indices[rank::world]
     for start in range(0, len(mine), batch_size):
-        batch = collate([windows[int(i)] for i in mine[start : start + batch_size]])
+        batch = (collate_fn or collate)([windows[int(i)] for i in mine[start : start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
-            logits = model(batch["inputs"], batch["positions"])
+            logits = model(batch["inputs"], batch["positions"], **conditions(batch))
         nll, n = nll_sum(logits, batch["targets"])
         total += nll.double().cpu()
         count += n.double().cpu()
@@ -164,7 +172,7 @@ class TokenTask:
         return build_model(cfg.model)
 
     def loss(self, net, model, batch) -> tuple[torch.Tensor, int]:
-        logits = net(batch["inputs"], batch["positions"])
+        logits = net(batch["inputs"], batch["positions"], **conditions(batch))
         return model.loss(logits, batch["targets"]), int((batch["targets"] != PAD).sum())
 
     def evaluate(
@@ -172,7 +180,7 @@ class TokenTask:
     ) -> tuple[float, dict, dict, str]:
         """(score, log fields, best/info.json fields, message) of one validation pass."""
         nll, n = evaluate_windows(
-            net, self.valid_windows, indices, batch_size, device, precision, rank, world
+            net, self.valid_windows, indices, batch_size, device, precision, rank, world, self.collate
         )
         row = {"val_nll": round(nll, 6), "val_bits": round(nll / math.log(2), 6)}
         message = f"validation {nll:.4f} nats/token ({nll / math.log(2):.4f} bits) over {n} tokens"
@@ -269,6 +277,13 @@ class CodecTask:
         return row["val_loss"], row, dict(row), message
 
 
+def _token_task(cfg: Config, data_dir) -> TokenTask:
+    """MIDI tokens, or audio codes from `prepare-codes` (audio/codes.py: priors, upsamplers)."""
+    from perceiver_music.audio.codes import make_code_task
+
+    return make_code_task(cfg, data_dir) or TokenTask(cfg, data_dir)
+
+
 def train(
     cfg: Config,
     data_dir: str | os.PathLike,
@@ -284,7 +299,7 @@ def train(
         torch.set_num_threads(t.threads)
     run_dir = Path(run_dir)
 
-    task = CodecTask(cfg, data_dir) if cfg.model.arch == "vqvae" else TokenTask(cfg, data_dir)
+    task = CodecTask(cfg, data_dir) if cfg.model.arch == "vqvae" else _token_task(cfg, data_dir)
     valid_windows = task.valid_windows
     # The same evenly spaced validation windows at every evaluation.
     eval_idx = np.unique(

@@ -11,6 +11,7 @@ token at proportionally more compute, down to stride 1 (full context for every t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -108,6 +109,7 @@ def evaluate_likelihood(
         if not 1 <= stride <= max_len:
             raise ValueError(f"--stride must be in 1..{max_len}")
         num_latents = stride
+    condition = _piece_condition(model, config, data_dir, split)
     labels = bucket_labels(buckets)
     sums, counts = np.zeros(len(labels)), np.zeros(len(labels), np.int64)
     per_piece = []
@@ -116,7 +118,8 @@ def evaluate_likelihood(
         tokens = np.asarray(data.piece(i), np.int64)
         if len(tokens) < 2:
             continue
-        nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device)
+        with condition(i):
+            nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device)
         which = np.searchsorted(np.array(buckets), np.arange(1, len(tokens)), side="right")
         sums += np.bincount(which, weights=nll, minlength=len(labels))
         counts += np.bincount(which, minlength=len(labels))
@@ -136,6 +139,17 @@ def evaluate_likelihood(
     return LikelihoodResult(
         total / count, total / count / math.log(2), count, len(per_piece), rows, per_piece
     )
+
+
+def _piece_condition(model, config, data_dir, split: str):
+    """i -> the context piece i is scored in: audio codes are checked against the model's codec
+    and level, and an upsampler is conditioned on the level above (audio/codes.py)."""
+    codes_data = TokenData(data_dir, split).meta.get("kind") == "codes"
+    if not (codes_data or config.codes.codec or config.model.arch == "upsampler"):
+        return lambda i: contextlib.nullcontext()
+    from perceiver_music.audio.codes import piece_conditioning
+
+    return piece_conditioning(model, config, data_dir, split)
 
 
 def write_likelihood(result: LikelihoodResult, out_dir: str | os.PathLike, meta: dict) -> Path:

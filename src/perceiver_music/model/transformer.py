@@ -33,7 +33,7 @@ class Transformer(TokenModel):
         band: generation past max_len; each position attends to (p - band, p] only."""
         N = min(num_latents or self.cfg.num_latents, tokens.shape[1])
         pad = tokens == PAD
-        h = self.embed_dropout(self.embed(tokens))  # [B, L, D]
+        h = self.embed_dropout(self.embed_inputs(tokens, positions))  # [B, L, D]
         angles = self.rotary.angles(positions)
         mask = (
             causal_mask(positions, pad)
@@ -43,6 +43,11 @@ class Transformer(TokenModel):
         for block in self.blocks:
             h = self.run_block(block, h, mask, self.rotary, angles)
         return self.head(self.norm(h[:, -N:]))
+
+    def embed_inputs(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Input embeddings [B, L, D]; a subclass adds conditioning by position (the audio
+        upsampler), the same in the full forward and the cached one."""
+        return self.embed(tokens)
 
     # ------------------------------------------------------------------ cached generation
 
@@ -61,7 +66,7 @@ class Transformer(TokenModel):
         if T > 1:
             k_pos = torch.arange(lo, start + T, device=tokens.device).expand(B, -1)
             mask = attention_mask(positions, k_pos, torch.zeros_like(k_pos, dtype=torch.bool), None, band)
-        h = self.embed(tokens)
+        h = self.embed_inputs(tokens, positions)
         for block, kv in zip(self.blocks, cache):
             h = block(h, mask, self.rotary, angles, kv, start, lo)
         return self.head(self.norm(h))
