@@ -153,6 +153,7 @@ def test_prepare_codes_refuses_what_it_cannot_read(work, tmp_path, capsys):
     for folder, message in [
         (tmp_path / "nothing", "no meta.json; prepare-codes reads a folder made by `prepare-audio`"),
         (midi_like, "prepare-codes reads a folder made by `prepare-audio`"),
+        (level_dir(work["codes"], 0), "codes already (made by `prepare-codes`)"),
     ]:
         assert (
             main(["prepare-codes", str(folder), "--codec", str(work["codec"]), "--out", str(tmp_path / "o")])
@@ -183,7 +184,9 @@ def test_train_records_the_codec_and_refuses_augmentation_on_codes(work, tmp_pat
         )
     with pytest.raises(ConfigError, match="the top level of its codec"):
         train(load_config("upsampler_tiny", TINY_UPSAMPLER), level_dir(work["codes"], 1), tmp_path / "b")
-    with pytest.raises(ConfigError, match="vocabulary of 19 tokens, but model.vocab_size is 515"):
+    with pytest.raises(
+        ConfigError, match="vocabulary of 19 ids .* model.vocab_size is 515: set model.vocab_size=19"
+    ):
         cfg = load_config("prior_tiny", [o for o in TINY_PRIOR if "vocab" not in o])
         train(cfg, level_dir(work["codes"], 1), tmp_path / "c")
 
@@ -206,6 +209,14 @@ def test_evaluate_gives_nll_per_level_on_code_data(work, tmp_path, capsys):
     ]
     assert main([*args, "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "likelihood.json").read_text())["tokens"] == result.tokens
+    # A PRIORS_DIR: every level at once, bits per second of audio beside bits per code.
+    out = tmp_path / "levels"
+    args_priors = ["evaluate", "--ckpt", str(work["root"] / "priors"), "--data", str(work["codes"])]
+    assert main([*args_priors, "--split", "train", "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "levels.json").read_text())["levels"]
+    assert [r["level"] for r in rows] == [1, 0] and rows[1]["codes"] == result.tokens
+    assert rows[0]["bits_per_second"] == pytest.approx(rows[0]["bits_per_code"] * 500)  # 500 frames/s
+    assert (out / "level0" / "likelihood.json").is_file() and "| 0 |" in (out / "levels.md").read_text()
     # A model is scored only on its own codec's level.
     bad = [*args[:4], str(level_dir(work["codes"], 1)), *args[5:], "--out", str(out)]
     assert main(bad) == 2
@@ -326,13 +337,13 @@ def test_cached_sampling_on_codes_equals_the_reference_past_the_context(work):
 def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tmp_path, capsys):
     prompt = work["wav"] / "p0.wav"
     out = tmp_path / "gen"
-    assert main(["generate", "--ckpt", str(work["root"] / "priors"), "--prompt", str(prompt), "--seconds", "0.5",
+    assert main(["generate", "--ckpt", str(work["root"] / "priors"), "--prompt", str(prompt), "--seconds", "0.25",
                  "--out", str(out), "--quiet", "--seed", "3"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "1.50 s of prompt + 0.5 s generated" in printed and "s of audio per second" in printed
+    assert "1.50 s of prompt + 0.25 s generated" in printed and "s of audio per second" in printed
     original, sr = sf.read(prompt, dtype="int16")
     audio, sr2 = sf.read(out / "sample_00.wav", dtype="int16")
-    assert sr == sr2 == SR and len(audio) == len(original) + SR // 2
+    assert sr == sr2 == SR and len(audio) == len(original) + SR // 4
     assert np.array_equal(audio[: len(original)], original)  # the prompt, bit for bit
     assert np.abs(audio[len(original) :]).max() > 0
     run = CodecRun.load(work["codec"])
@@ -341,7 +352,7 @@ def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tm
     for level in (0, 1):
         t = prompt_codes[level].shape[1]
         assert np.array_equal(codes[level][:, :t], prompt_codes[level])  # each level continues its own codes
-        assert codes[level].shape[1] == t + {1: 250, 0: 1000}[level]  # ceil(0.5 s x 500) top frames x 4
+        assert codes[level].shape[1] == t + {1: 125, 0: 500}[level]  # ceil(0.25 s x 500) top frames x 4
     settings = json.loads((out / "generate.json").read_text())
     assert (
         settings["decoded_level"] == 0
@@ -365,6 +376,18 @@ def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tm
         cx, cy = run.load_codes(x)[0], run.load_codes(y)[0]
         assert all(np.array_equal(cx[lv], cy[lv]) for lv in (0, 1))
     assert a.speed > 0 and len(sf.read(a.audio_files[1])[0]) == int(0.1 * SR)
+    # Jukebox's windows for the upsampler (200 level-0 frames in windows adding 24 each):
+    # exact with and without the cache too, the top level untouched, the prompt kept.
+    hop = [
+        generate_audio(work["root"] / "priors", tmp_path / f"h{c}", 0.1, prompt=prompt, seed=5, use_cache=c,
+                       progress=False, png=False, hop_fraction=0.5)
+        for c in (True, False)
+    ]  # fmt: skip
+    cx, cy = (run.load_codes(h.codes_files[0])[0] for h in hop)
+    assert all(np.array_equal(cx[lv], cy[lv]) for lv in (0, 1))
+    assert cx[0].shape[1] == prompt_codes[0].shape[1] + 200
+    assert np.array_equal(cx[0][:, : prompt_codes[0].shape[1]], prompt_codes[0])
+    assert json.loads((tmp_path / "hTrue" / "generate.json").read_text())["hop_fraction"] == 0.5
 
 
 def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, capsys):
@@ -382,6 +405,7 @@ def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, caps
             "no such prompt file",
         ),
         (gen[:3] + gen[5:], "takes --seconds S"),
+        ([*gen, "--hop-fraction", "1.5"], "--hop-fraction must be in (0, 1], got 1.5"),
     ]:
         assert main(args) == 2, args
         assert message in capsys.readouterr().err

@@ -316,6 +316,7 @@ def _generate_audio(args: argparse.Namespace) -> int:
             device=_device(args.device),
             precision=args.precision,
             progress=not args.quiet,
+            hop_fraction=args.hop_fraction,
         )
     except (PriorsError, ValueError) as e:
         return _fail(str(e))
@@ -335,6 +336,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.ckpt is not None and (Path(args.ckpt) / "priors.json").is_file():  # audio.generate.PRIORS_FILE
         return _generate_audio(args)
+    if args.hop_fraction is not None:
+        return _fail("--hop-fraction is for audio upsamplers (--ckpt PRIORS_DIR)")
 
     # Every setting is checked before torch and the model load.
     try:
@@ -434,6 +437,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_sets(args)
     if args.ckpt is None or args.data is None:
         return _fail("likelihood evaluation needs both --ckpt and --data")
+    if (Path(args.ckpt) / "priors.json").is_file():
+        return _evaluate_priors(args)
     if not (Path(args.data) / "meta.json").is_file():
         return _fail(f"{args.data}: not a prepared data folder (no meta.json; run `perceiver-music prepare`)")
     if not (Path(args.data) / f"{args.split}.npy").is_file():
@@ -475,6 +480,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = write_likelihood(result, args.out, meta)
     print((out / "likelihood.md").read_text(), end="")
     print(f"written: {out / 'likelihood.json'}, {out / 'likelihood.md'}, {out / 'likelihood.png'}")
+    return 0
+
+
+def _evaluate_priors(args: argparse.Namespace) -> int:
+    """evaluate --ckpt PRIORS_DIR --data CODES_DIR: the NLL of every level."""
+    from perceiver_music.audio.generate import PriorsError, priors_likelihood
+
+    try:
+        priors_likelihood(
+            args.ckpt,
+            args.data,
+            args.split,
+            args.out,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            max_pieces=args.max_pieces,
+            device=None if args.device == "auto" else args.device,
+            progress=not args.quiet,
+        )
+    except (PriorsError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    out = Path(args.out)
+    print((out / "levels.md").read_text(), end="")
+    print(f"written: {out / 'levels.json'}, {out / 'levels.md'}, {out}/level*/likelihood.*")
     return 0
 
 
@@ -739,6 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true", help="the slow reference path: a full forward per token"
     )
     p.add_argument("--refill", type=int, help="latents kept at a cache refill (default num_latents / 2)")
+    p.add_argument(
+        "--hop-fraction",
+        type=float,
+        metavar="H",
+        help="audio: sample upsamplers in Jukebox's windows, each adding H x context codes "
+        "(default: slide exactly past the context)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--precision",

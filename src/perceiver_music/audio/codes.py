@@ -113,6 +113,10 @@ def prepare_codes(
 
     t0 = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out_dir)
+    if codes_meta(data_dir) is not None:
+        raise ConfigError(
+            f"{data_dir}: codes already (made by `prepare-codes`); give it the `prepare-audio` folder"
+        )
     try:
         splits = {s: AudioData(data_dir, s) for s in SPLITS}
     except FileNotFoundError:
@@ -279,6 +283,12 @@ def check_code_data(cfg: Config, data_dir, meta: dict) -> None:
             f"{data_dir}: the top level of its codec (level {meta['codec']['level']}); an upsampler "
             "trains on a level below it, the top level takes a prior (model.arch=perceiver_ar)"
         )
+    if cfg.model.vocab_size != meta["vocab_size"]:
+        raise ConfigError(
+            f"{data_dir}: codes of {meta['codec']['codebooks']} codebook(s) of {meta['codec']['cardinality']}, "
+            f"a vocabulary of {meta['vocab_size']} ids (3 special + codes), but model.vocab_size is "
+            f"{cfg.model.vocab_size}: set model.vocab_size={meta['vocab_size']}"
+        )
     cfg.codes = codes_config(meta, cfg.codes)
 
 
@@ -386,8 +396,10 @@ def piece_conditioning(model, config: Config, data_dir, split: str):
     upper = TokenData(_upper_dir(data_dir, meta), split)
     device = next(model.parameters()).device
 
+    @contextlib.contextmanager
     def context(i: int):
         codes = torch.as_tensor(np.asarray(upper.piece(i)[1:-1], np.int64) - FIRST_CODE, device=device)
-        return model.conditioned(codes[None])
+        with torch.no_grad(), model.conditioned(codes[None]):
+            yield
 
     return context

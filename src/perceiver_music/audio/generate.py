@@ -188,11 +188,17 @@ def generate_audio(
     precision: str = "auto",
     progress: bool = True,
     png: bool = True,
+    hop_fraction: float | None = None,
 ) -> AudioGenerateResult:
     """`num` recordings of `seconds` (after the prompt), written as sample_NN.wav, their codes
-    (sample_NN.codes.npz, every level sampled), spectrograms and generate.json."""
+    (sample_NN.codes.npz, every level sampled), spectrograms and generate.json.
+
+    hop_fraction: sample the upsamplers in Jukebox's windows (see `_sample_level`) instead of
+    sliding exactly past their context (None, the default)."""
     if not (seconds > 0 and math.isfinite(seconds)) or num < 1:
         raise PriorsError(f"--seconds must be positive and --num at least 1 (got {seconds}, {num})")
+    if hop_fraction is not None and not 0 < hop_fraction <= 1:
+        raise PriorsError(f"--hop-fraction must be in (0, 1], got {hop_fraction}")
     t0 = time.perf_counter()
     priors = load_priors(priors_dir, device)
     codec = priors.codec
@@ -220,7 +226,7 @@ def generate_audio(
         start = time.perf_counter()
         per_row[lv.level] = _sample_level(
             lv, codes[lv.level], new_frames, num, upper, sampling, seed + lv.level, use_cache, refill, precision,
-            progress, seconds, device,
+            progress, seconds, device, hop_fraction if lv.level < codec.levels - 1 else None,
         )  # fmt: skip
         level_seconds[lv.level] = time.perf_counter() - start
         upper = torch.as_tensor(np.stack([c[0] for c in per_row[lv.level]]), device=device)
@@ -269,6 +275,7 @@ def generate_audio(
         "seed": seed,
         "cache": use_cache,
         "refill": refill,
+        "hop_fraction": hop_fraction,
         "precision": precision,
         "device": str(device),
         "files": [p.name for p in audio_files],
@@ -282,39 +289,111 @@ def generate_audio(
 
 def _sample_level(
     lv: Level, prompt_codes, new_frames, num, upper, sampling, seed, use_cache, refill, precision, progress,
-    seconds, device,
+    seconds, device, hop_fraction=None,
 ) -> list[np.ndarray]:  # fmt: skip
-    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued."""
-    codes_cfg, model = lv.cfg.codes, lv.model
+    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued.
+
+    One sample.generate call slides exactly past the context; with `hop_fraction` (upsamplers,
+    as Jukebox samples them) the level is sampled in windows instead, each a fresh stream whose
+    context is the last (1 - hop_fraction) x max_len ids, adding hop_fraction x max_len."""
+    codes_cfg, model, max_len = lv.cfg.codes, lv.model, lv.cfg.model.max_len
     K, C = codes_cfg.codebooks, codes_cfg.cardinality
-    stream = np.concatenate([[BOS], ids_of(prompt_codes, C)])
-    dropped = max(0, len(stream) - lv.cfg.model.max_len)  # context: the last max_len ids
-    stream = stream[dropped:]
-    frame0 = 1 - dropped  # the position frame 0 starts at, in this stream's positions
-    batch = torch.as_tensor(stream, device=device).expand(num, -1).clone()
-    mask = CodebookMask(codes_cfg, lv.cfg.model.vocab_size, len(stream), frame0)
-    conditioned = (
-        model.conditioned(upper, frame0_position=frame0) if upper is not None else contextlib.nullcontext()
-    )
+    ids = torch.as_tensor(np.concatenate([[BOS], ids_of(prompt_codes, C)]), device=device).expand(num, -1)
+    total = ids.shape[1] + new_frames * K
+    hop = total if hop_fraction is None or upper is None else max(1, int(hop_fraction * max_len))
     step = 1.0 / (codes_cfg.frame_rate * K)  # seconds of audio per id
     bar = progress_bar(total=round(seconds, 2), desc=f"level {lv.level}", unit="s", enabled=progress)
-    with torch.no_grad(), conditioned:
-        rows = generate(
-            model,
-            batch,
-            new_frames * K,
-            sampling,
-            seed=seed,
-            use_cache=use_cache,
-            refill=refill,
-            stop_at_eos=False,
-            on_token=lambda n: bar.update(min(step, max(0.0, bar.total - bar.n))),
-            precision=precision,
-            logits_mask=mask,
+    window = 0
+    while ids.shape[1] < total:
+        # The context: the last max_len ids (max_len - hop between windows); frame 0 starts at
+        # position 1 of the whole stream, so at 1 - dropped in this one's.
+        keep = max_len if window == 0 else max(1, max_len - hop)
+        dropped = max(0, ids.shape[1] - keep)
+        context, frame0 = ids[:, dropped:].clone(), 1 - dropped
+        n = min(total - ids.shape[1], hop if window else max(hop, max_len - context.shape[1]))
+        mask = CodebookMask(codes_cfg, lv.cfg.model.vocab_size, context.shape[1], frame0)
+        conditioned = (
+            model.conditioned(upper, frame0_position=frame0)
+            if upper is not None
+            else contextlib.nullcontext()
         )
+        with torch.no_grad(), conditioned:
+            rows = generate(
+                model,
+                context,
+                n,
+                sampling,
+                seed=seed + window,
+                use_cache=use_cache,
+                refill=refill,
+                stop_at_eos=False,
+                on_token=lambda _: bar.update(min(step, max(0.0, bar.total - bar.n))),
+                precision=precision,
+                logits_mask=mask,
+            )
+        ids = torch.cat([ids, torch.stack([r[context.shape[1] :] for r in rows])], dim=1)
+        window += 1
     bar.finish()
-    out = []
-    for row in rows:
-        new = row[len(stream) :].cpu().numpy()
-        out.append(np.concatenate([prompt_codes, codes_of(new, K, C)], axis=1))
-    return out
+    new = ids[:, 1 + prompt_codes.shape[1] * K :].cpu().numpy()
+    return [np.concatenate([prompt_codes, codes_of(row, K, C)], axis=1) for row in new]
+
+
+def priors_likelihood(
+    priors_dir: str | os.PathLike,
+    codes_dir: str | os.PathLike,
+    split: str,
+    out_dir: str | os.PathLike,
+    **kwargs,
+) -> list[dict]:
+    """NLL of every level of a PRIORS_DIR on CODES_DIR/level<L> (from `prepare-codes` with its
+    codec): likelihood.* per level in OUT_DIR/level<L>/, and levels.json / levels.md with nats
+    and bits per code and bits per second of audio. kwargs go to evaluate_likelihood."""
+    from perceiver_music.audio.codes import level_dir
+    from perceiver_music.evaluate.likelihood import evaluate_likelihood, write_likelihood
+    from perceiver_music.files import atomic_write_text
+
+    priors = load_priors(priors_dir)
+    out = Path(out_dir)
+    rows = []
+    for lv in priors.levels:
+        data = level_dir(codes_dir, lv.level)
+        if not (data / f"{split}.npy").is_file():
+            raise PriorsError(
+                f"{data}: no {split} split of level {lv.level} (run prepare-codes with this codec)"
+            )
+        result = evaluate_likelihood(lv.run, data, split, **kwargs)
+        stride = kwargs.get("stride") or "num_latents"
+        write_likelihood(
+            result,
+            out / f"level{lv.level}",
+            {"checkpoint": str(lv.run), "data": str(data), "split": split, "stride": stride},
+        )
+        ids_per_second = lv.cfg.codes.frame_rate * lv.cfg.codes.codebooks
+        rows.append(
+            {
+                "level": lv.level,
+                "run": str(lv.run),
+                "codes": result.tokens,
+                "nats_per_code": result.nats_per_token,
+                "bits_per_code": result.bits_per_token,
+                "bits_per_second": result.bits_per_token * ids_per_second,
+            }
+        )
+    atomic_write_text(
+        out / "levels.json",
+        json.dumps(
+            {"priors": str(priors_dir), "data": str(codes_dir), "split": split, "levels": rows}, indent=1
+        ),
+    )
+    lines = [
+        f"# NLL per level: {priors_dir} on {codes_dir} ({split})",
+        "",
+        "| level | run | codes | nats/code | bits/code | bits/s of audio |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['level']} | {r['run']} | {r['codes']:,} | {r['nats_per_code']:.4f} | {r['bits_per_code']:.4f} | {r['bits_per_second']:,.0f} |"
+        for r in rows
+    ]
+    atomic_write_text(out / "levels.md", "\n".join(lines) + "\n")
+    return rows
