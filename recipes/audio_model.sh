@@ -20,8 +20,9 @@
 #                               hours on 2 cores (its log prints steps/s after the first 10)
 #   5. upsampler                upsampler_tiny, UP_STEPS=4000 steps of 8 windows of 1,024 codes:
 #                               hours on 2 cores
-#   6. generate                 bench/audio_generate_speed.py measures the sampling speed at
-#                               these sizes (README, "Audio priors")
+#   6. generate                 20 s: about 12 minutes on one thread of a loaded 2-core CPU
+#                               (bench/audio_generate_speed.py: 3 s of audio in 105 s at these
+#                               sizes; README, "Audio priors")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -422,6 +422,8 @@ def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, caps
     write_priors(tmp_path / "gap", str(work["codec"]), str(work["top"]), {5: str(work["up"])})
     with pytest.raises(PriorsError, match="without a gap"):
         load_priors(tmp_path / "gap")
+    assert main(["generate", "--ckpt", str(work["top"]), "--out", str(tmp_path / "o"), "--no-render"]) == 2
+    assert "not MIDI: generate audio with --ckpt PRIORS_DIR" in capsys.readouterr().err
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "priors.json").write_text("{")
     assert (
