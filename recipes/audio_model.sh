@@ -16,10 +16,12 @@
 #   2. codec                    vqvae_tiny, 800 steps: about 30 minutes (the preset's budget)
 #   3. prepare-codes            both levels; the tiny codec encodes at tens of times real time:
 #                               minutes for a few hours of audio
-#   4. top prior                prior_tiny, PRIOR_STEPS=4000 steps of 8 windows of 2,048 codes:
-#                               hours on 2 cores (its log prints steps/s after the first 10)
-#   5. upsampler                upsampler_tiny, UP_STEPS=4000 steps of 8 windows of 1,024 codes:
-#                               hours on 2 cores
+#   4. top prior                prior_tiny, PRIOR_STEPS=4000 steps of 8 windows x 256 targets:
+#                               about 5.5 h (measured: 420 targets/s, 4.9 s a step, on one
+#                               thread of a 2-core CPU shared with a training run)
+#   5. upsampler                upsampler_tiny, UP_STEPS=1000 steps of 8 windows x 1,024
+#                               targets: about 6 h (measured: 400 targets/s, 20 s a step); its
+#                               config's 4000 steps take a day there, minutes on a GPU
 #   6. generate                 20 s: about 12 minutes on one thread of a loaded 2-core CPU
 #                               (bench/audio_generate_speed.py: 3 s of audio in 105 s at these
 #                               sizes; README, "Audio priors")
@@ -31,7 +33,7 @@ RUNS=${RUNS:-runs/audio}
 LIMIT=${LIMIT:-60}
 CODEC_STEPS=${CODEC_STEPS:-800}
 PRIOR_STEPS=${PRIOR_STEPS:-4000}
-UP_STEPS=${UP_STEPS:-4000}
+UP_STEPS=${UP_STEPS:-1000}
 SECONDS_OUT=${SECONDS_OUT:-20}
 
 if [ "${SETUP:-1}" = 1 ]; then  # SETUP=0: use the perceiver-music and python already on PATH
@@ -66,11 +68,7 @@ mkdir -p "$RUNS/priors"
 cat > "$RUNS/priors/priors.json" <<'JSON'
 {"codec": "../codec", "top": "../top", "upsamplers": {"0": "../up0"}}
 JSON
-for level in 1 0; do
-    run=$([ "$level" = 1 ] && echo top || echo up0)
-    perceiver-music evaluate --ckpt "$RUNS/$run" --data "$OUT/codes/level$level" --split test \
-        --out "$RUNS/eval/level$level" --buckets 1024 --quiet
-done
+perceiver-music evaluate --ckpt "$RUNS/priors" --data "$OUT/codes" --split test --out "$RUNS/eval" --quiet
 perceiver-music generate --ckpt "$RUNS/priors" --seconds "$SECONDS_OUT" --out "$RUNS/generated"
 # A held-out recording (the first test file), its first 10 s as the prompt, continued for 10 s.
 prompt=$(python - "$OUT" <<'PY'
