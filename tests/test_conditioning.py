@@ -108,8 +108,13 @@ def test_training_windows_drop_each_condition_at_its_rate_and_keep_the_token_str
         labelled += a.label > 0
         assert a.total > 0
     assert labelled > 20
-    _, joint = windows(labelled_data, label_dropout=0, timing_dropout=0, style_dropout=0, condition_dropout=0.5)
-    told_nothing = [w.label == 0 and w.total == 0 and np.all(w.reference == PAD) for w in map(joint.__getitem__, range(60))]
+    _, joint = windows(
+        labelled_data, label_dropout=0, timing_dropout=0, style_dropout=0, condition_dropout=0.5
+    )
+    told_nothing = [
+        w.label == 0 and w.total == 0 and np.all(w.reference == PAD)
+        for w in map(joint.__getitem__, range(60))
+    ]
     told_all = [w.total > 0 for w in map(joint.__getitem__, range(60))]
     assert 15 < sum(told_nothing) < 45 and sum(told_nothing) + sum(told_all) == 60  # all or nothing
 

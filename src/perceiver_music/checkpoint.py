@@ -393,6 +393,6 @@ def load_model(path: str | os.PathLike | None, device: str | torch.device = "cpu
 
         model = VQVAE(config.codec)
     else:
-        model = build_model(config.model)
+        model = build_model(config.model, config.codes)
     load_weights(model, ckpt / "model.safetensors", ckpt / "config.json")
     return model.to(device).eval(), config

@@ -120,6 +120,28 @@ def cmd_prepare_audio(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_codes(args: argparse.Namespace) -> int:
+    from perceiver_music.audio.codes import prepare_codes
+    from perceiver_music.config import ConfigError
+
+    run = _codec_run(args)
+    if run is None:
+        return 2
+    try:
+        result = prepare_codes(
+            args.data_dir,
+            run,
+            args.out,
+            levels=None if args.level is None else [args.level],
+            codec_path=args.codec,
+            progress=not args.quiet,
+        )
+    except (FileNotFoundError, ConfigError) as e:
+        return _fail(str(e))
+    print(result.summary())
+    return 0
+
+
 def _codec_run(args: argparse.Namespace):
     """The codec of --codec, or None after printing why not."""
     from perceiver_music.audio.codec import CodecRun
@@ -298,8 +320,56 @@ def _check_conditioning(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _generate_audio(args: argparse.Namespace) -> int:
+    """generate --ckpt PRIORS_DIR: audio through the priors, upsamplers and codec of priors.json."""
+    from perceiver_music.audio.generate import PriorsError, generate_audio
+    from perceiver_music.generate_settings import check_sampling
+    from perceiver_music.sample import SamplingConfig
+
+    if args.seconds is None:
+        return _fail("audio generation (--ckpt PRIORS_DIR) takes --seconds S, the length to generate")
+    if args.tokens is not None or args.prompt_tokens is not None or args.prompt_seconds is not None:
+        return _fail("--tokens, --prompt-tokens and --prompt-seconds are for MIDI; audio takes --seconds")
+    if args.prompt is not None and not Path(args.prompt).is_file():
+        return _fail(f"{args.prompt}: no such prompt file")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.min_p, (0, 127))
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, keyboard=False)
+        result = generate_audio(
+            args.ckpt,
+            args.out,
+            args.seconds,
+            prompt=args.prompt,
+            num=args.num,
+            sampling=sampling,
+            seed=args.seed,
+            use_cache=not args.no_cache,
+            refill=args.refill,
+            device=_device(args.device),
+            precision=args.precision,
+            progress=not args.quiet,
+            hop_fraction=args.hop_fraction,
+        )
+    except (PriorsError, ValueError) as e:
+        return _fail(str(e))
+    for wav, codes in zip(result.audio_files, result.codes_files):
+        print(
+            f"{wav}: {result.prompt_seconds:.2f} s of prompt + {result.seconds:g} s generated (codes in {codes.name})"
+        )
+    print(
+        f"{result.seconds * len(result.audio_files):g} s of audio in {result.elapsed:.1f} s "
+        f"({result.speed:.3f} s of audio per second); settings in {result.out_dir / 'generate.json'}"
+    )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from perceiver_music.generate_settings import check_generate
+
+    if args.ckpt is not None and (Path(args.ckpt) / "priors.json").is_file():  # audio.generate.PRIORS_FILE
+        return _generate_audio(args)
+    if args.hop_fraction is not None:
+        return _fail("--hop-fraction is for audio upsamplers (--ckpt PRIORS_DIR)")
 
     # Every setting is checked before torch and the model load.
     try:
@@ -404,6 +474,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_sets(args)
     if args.ckpt is None or args.data is None:
         return _fail("likelihood evaluation needs both --ckpt and --data")
+    if (Path(args.ckpt) / "priors.json").is_file():
+        return _evaluate_priors(args)
     if not (Path(args.data) / "meta.json").is_file():
         return _fail(f"{args.data}: not a prepared data folder (no meta.json; run `perceiver-music prepare`)")
     if not (Path(args.data) / f"{args.split}.npy").is_file():
@@ -446,6 +518,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = write_likelihood(result, args.out, meta)
     print((out / "likelihood.md").read_text(), end="")
     print(f"written: {out / 'likelihood.json'}, {out / 'likelihood.md'}, {out / 'likelihood.png'}")
+    return 0
+
+
+def _evaluate_priors(args: argparse.Namespace) -> int:
+    """evaluate --ckpt PRIORS_DIR --data CODES_DIR: the NLL of every level."""
+    from perceiver_music.audio.generate import PriorsError, priors_likelihood
+
+    try:
+        priors_likelihood(
+            args.ckpt,
+            args.data,
+            args.split,
+            args.out,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            max_pieces=args.max_pieces,
+            device=None if args.device == "auto" else args.device,
+            progress=not args.quiet,
+        )
+    except (PriorsError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    out = Path(args.out)
+    print((out / "levels.md").read_text(), end="")
+    print(f"written: {out / 'levels.json'}, {out / 'levels.md'}, {out}/level*/likelihood.*")
     return 0
 
 
@@ -603,6 +699,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare_audio)
 
     p = sub.add_parser(
+        "prepare-codes",
+        help="encode a prepare-audio folder with a codec into token data, one folder per level",
+        description="Encode every file of DATA_DIR (made by `prepare-audio`) with the codec of --codec at "
+        "every level into CODES_DIR/level<L>/, in the format of `prepare` (ids 3 + code; RVQ frames "
+        "flattened, codebook k in its own id range), for `train`, `evaluate --ckpt` and upsamplers.",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.add_argument("--codec", required=True, metavar="RUN", help="a VQ-VAE run folder (or checkpoint)")
+    p.add_argument("--out", required=True, metavar="CODES_DIR")
+    p.add_argument("--level", type=int, help="encode only this level (default: every level)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_codes)
+
+    p = sub.add_parser(
         "encode",
         help="audio files to codes with a trained codec",
         description="Encode audio files (any rate, any channels) to FILE.codes.npz: every level's "
@@ -659,10 +770,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ckpt",
-        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model)",
+        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model); "
+        "a PRIORS_DIR (with priors.json) generates audio",
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR")
-    p.add_argument("--prompt", metavar="FILE.mid", help="continue this MIDI file")
+    p.add_argument(
+        "--prompt",
+        metavar="FILE.mid",
+        help="continue this MIDI file (audio: this recording, at the codec's rate)",
+    )
     p.add_argument("--prompt-tokens", type=int, metavar="K", help="use only the last K tokens of the prompt")
     p.add_argument(
         "--prompt-seconds", type=float, metavar="S", help="use only the last S seconds of the prompt"
@@ -707,6 +823,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true", help="the slow reference path: a full forward per token"
     )
     p.add_argument("--refill", type=int, help="latents kept at a cache refill (default num_latents / 2)")
+    p.add_argument(
+        "--hop-fraction",
+        type=float,
+        metavar="H",
+        help="audio: sample upsamplers in Jukebox's windows, each adding H x context codes "
+        "(default: slide exactly past the context)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--precision",

@@ -95,7 +95,9 @@ class DataConfig:
 class ModelConfig:
     """Perceiver AR / PerceiverS / Transformer baseline (DESIGN.md section 5)."""
 
-    arch: Literal["perceiver_ar", "transformer", "vqvae"] = "perceiver_ar"  # vqvae: the `codec` section
+    # vqvae: the `codec` section; upsampler: a Transformer over audio codes conditioned on the
+    # codes of the level above (the `codes` section, audio/upsampler.py)
+    arch: Literal["perceiver_ar", "transformer", "vqvae", "upsampler"] = "perceiver_ar"
     vocab_size: int = 391
     max_len: int = 1024  # input tokens per window (the context)
     num_latents: int = 256  # positions predicted per window: the last num_latents
@@ -127,8 +129,8 @@ class ModelConfig:
             raise ConfigError("model.num_latents must be in 1..model.max_len")
         if self.width % self.heads:
             raise ConfigError("model.width must be a multiple of model.heads")
-        if self.arch == "transformer" and self.num_latents != self.max_len:
-            raise ConfigError("model.arch=transformer predicts every position: set num_latents = max_len")
+        if self.arch in ("transformer", "upsampler") and self.num_latents != self.max_len:
+            raise ConfigError(f"model.arch={self.arch} predicts every position: set num_latents = max_len")
         if not self.scales:
             raise ConfigError("model.scales needs at least one entry")
         for s in self.scales:
@@ -292,6 +294,33 @@ class AudioPrepareConfig:
 
 
 @dataclass
+class CodesConfig:
+    """Audio codes as a prior's tokens (DESIGN.md section 8; data from `prepare-codes`).
+
+    `train` fills the layout from the data's meta.json, so a checkpoint knows which codec and
+    level it models: token id = 3 + codebook k x cardinality + code (0-2 are PAD, BOS, EOS).
+    The conditioner settings are the upsampler's (model.arch=upsampler): Jukebox's stack of
+    dilated residual convolutions at each rate between the upper level and this one.
+    """
+
+    codec: str = ""  # digest of the codec's weights ("": the tokens are not audio codes)
+    level: int = 0
+    codebooks: int = 1  # K: a frame is K consecutive tokens, codebook t % K at the t-th code
+    cardinality: int = 0  # codes per codebook
+    frame_rate: float = 0.0  # frames per second of audio
+    upper_cardinality: int = 0  # upsampler: codes per codebook of the level above
+    upper_strides: list[int] = field(default_factory=list)  # upsampler: one transposed conv each
+    cond_depth: int = 3  # residual blocks per rate in the conditioner
+    cond_dilation_growth: int = 3
+
+    def __post_init__(self) -> None:
+        if self.codebooks < 1 or self.cond_depth < 1 or self.cond_dilation_growth < 1:
+            raise ConfigError("codes.codebooks, cond_depth and cond_dilation_growth must be >= 1")
+        if any(s < 2 or s % 2 for s in self.upper_strides):
+            raise ConfigError("codes.upper_strides must be even numbers >= 2")
+
+
+@dataclass
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -300,6 +329,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     audio: AudioPrepareConfig = field(default_factory=AudioPrepareConfig)
+    codes: CodesConfig = field(default_factory=CodesConfig)
 
 
 # ----------------------------------------------------------------------------- loading

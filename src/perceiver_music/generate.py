@@ -170,6 +170,11 @@ def generate_midi(
         audio_format=audio_format if render else None,
     )  # (SamplingConfig has run the same checks on itself)
     model, cfg = load_model(ckpt, device)
+    if cfg.codes.codec:
+        raise ValueError(
+            f"{ckpt}: a {cfg.model.arch} over audio codes (level {cfg.codes.level}), not MIDI: generate audio "
+            "with --ckpt PRIORS_DIR (a folder whose priors.json names the codec and its priors)"
+        )
     m = cfg.model
     check_conditioning(m.condition, m.labels, composer, style is not None, guidance, seconds)
     if refill is not None and refill > cfg.model.num_latents:

@@ -307,6 +307,7 @@ def generate(
     stop: Callable[[Tensor], Tensor] | None = None,
     precision: str = "auto",
     conditions: Conditions | None = None,
+    logits_mask: KeyboardMask | None = None,
 ) -> list[Tensor]:
     """Continue each row of prompt [B, P] by up to max_new_tokens tokens.
 
@@ -321,13 +322,15 @@ def generate(
 
     conditions: for a conditioned model (ignored by others); with guidance other than 1, each
     row is computed twice (conditioned and not) in one batch of 2B.
+    logits_mask: an object with `apply(logits [B, V])` and `update(tokens [B])`, like
+    KeyboardMask, used instead of it (audio codes: audio.codes.CodebookMask).
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     with autocast(prompt.device, precision):
         return _generate(
             model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop,
-            conditions,
+            conditions, logits_mask,
         )  # fmt: skip
 
 
@@ -356,7 +359,18 @@ def _stream_conditioning(
 
 
 def _generate(
-    model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop, conditions
+    model,
+    prompt,
+    max_new_tokens,
+    sampling,
+    seed,
+    use_cache,
+    refill,
+    stop_at_eos,
+    on_token,
+    stop,
+    conditions,
+    logits_mask,
 ):
     sampling = sampling or SamplingConfig()
     model.eval()
@@ -379,7 +393,9 @@ def _generate(
 
     end = torch.full((B,), P + max_new_tokens, dtype=torch.long)  # each row's length
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    keyboard = KeyboardMask(prompt, sampling.pitch_range) if sampling.keyboard else None
+    keyboard = logits_mask
+    if keyboard is None and sampling.keyboard:
+        keyboard = KeyboardMask(prompt, sampling.pitch_range)
     logits = mixed(stream.current)
     for i in range(max_new_tokens):
         token = sample_next(logits, sampling, generator, keyboard)

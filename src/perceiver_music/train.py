@@ -83,6 +83,20 @@ class _Batches(torch.utils.data.Dataset):
         return self.collate([self.windows[i] for i in range(first, first + self.batch_size)])
 
 
+COND_KEYS = ("label", "total", "elapsed", "reference")  # what `collate` adds for conditioning
+
+
+def model_inputs(batch: dict[str, torch.Tensor], told: bool = True) -> dict:
+    """The model's keyword arguments from a batch: `cond` (batch_cond) for a conditioned
+    model's batch, and any other tensors beyond inputs, positions and targets (an audio
+    upsampler's upper codes)."""
+    skip = ("inputs", "positions", "targets", *COND_KEYS)
+    kwargs: dict = {k: v for k, v in batch.items() if k not in skip}
+    if any(k in batch for k in COND_KEYS):
+        kwargs["cond"] = batch_cond(batch, told)
+    return kwargs
+
+
 def collate(windows) -> dict[str, torch.Tensor]:
     batch = {
         "inputs": torch.from_numpy(np.stack([w.inputs for w in windows])),
@@ -94,8 +108,9 @@ def collate(windows) -> dict[str, torch.Tensor]:
         batch["elapsed"] = torch.from_numpy(np.stack([w.elapsed for w in windows]))
     if first.reference is not None:
         batch["reference"] = torch.from_numpy(np.stack([w.reference for w in windows]))
-    batch["label"] = torch.tensor([w.label for w in windows], dtype=torch.long)
-    batch["total"] = torch.tensor([w.total for w in windows], dtype=torch.float32)
+    if first.elapsed is not None or any(w.label for w in windows):
+        batch["label"] = torch.tensor([w.label for w in windows], dtype=torch.long)
+        batch["total"] = torch.tensor([w.total for w in windows], dtype=torch.float32)
     return batch
 
 
@@ -150,7 +165,16 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 @torch.no_grad()
 def evaluate_windows(
-    model, windows: WindowDataset, indices, batch_size, device, precision, rank=0, world=1, told: bool = True
+    model,
+    windows: WindowDataset,
+    indices,
+    batch_size,
+    device,
+    precision,
+    rank=0,
+    world=1,
+    collate_fn=None,
+    told: bool = True,
 ):
     """Validation NLL in nats per token over the given windows (split across processes);
     told: whether a conditioned model is told the windows' conditions."""
@@ -158,10 +182,10 @@ def evaluate_windows(
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     mine = indices[rank::world]
     for start in range(0, len(mine), batch_size):
-        batch = collate([windows[int(i)] for i in mine[start : start + batch_size]])
+        batch = (collate_fn or collate)([windows[int(i)] for i in mine[start : start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
-            logits = model(batch["inputs"], batch["positions"], cond=batch_cond(batch, told))
+            logits = model(batch["inputs"], batch["positions"], **model_inputs(batch, told))
         nll, n = nll_sum(logits, batch["targets"])
         total += nll.double().cpu()
         count += n.double().cpu()
@@ -230,7 +254,7 @@ class TokenTask:
         return build_model(cfg.model)
 
     def loss(self, net, model, batch) -> tuple[torch.Tensor, int]:
-        logits = net(batch["inputs"], batch["positions"], cond=batch_cond(batch))
+        logits = net(batch["inputs"], batch["positions"], **model_inputs(batch))
         return model.loss(logits, batch["targets"]), int((batch["targets"] != PAD).sum())
 
     def evaluate(
@@ -238,7 +262,7 @@ class TokenTask:
     ) -> tuple[float, dict, dict, str]:
         """(score, log fields, best/info.json fields, message) of one validation pass."""
         conditioned = bool(self.cfg.model.condition)
-        args = (net, self.valid_windows, indices, batch_size, device, precision, rank, world)
+        args = (net, self.valid_windows, indices, batch_size, device, precision, rank, world, self.collate)
         nll, n = evaluate_windows(*args, told=not conditioned)
         row = {"val_nll": round(nll, 6), "val_bits": round(nll / math.log(2), 6)}
         message = f"validation {nll:.4f} nats/token ({nll / math.log(2):.4f} bits) over {n} tokens"
@@ -340,6 +364,13 @@ class CodecTask:
         return row["val_loss"], row, dict(row), message
 
 
+def _token_task(cfg: Config, data_dir) -> TokenTask:
+    """MIDI tokens, or audio codes from `prepare-codes` (audio/codes.py: priors, upsamplers)."""
+    from perceiver_music.audio.codes import make_code_task
+
+    return make_code_task(cfg, data_dir) or TokenTask(cfg, data_dir)
+
+
 def train(
     cfg: Config,
     data_dir: str | os.PathLike,
@@ -359,7 +390,7 @@ def train(
         torch.set_num_threads(t.threads)
     run_dir = Path(run_dir)
 
-    task = CodecTask(cfg, data_dir) if cfg.model.arch == "vqvae" else TokenTask(cfg, data_dir)
+    task = CodecTask(cfg, data_dir) if cfg.model.arch == "vqvae" else _token_task(cfg, data_dir)
     valid_windows = task.valid_windows
     # The same evenly spaced validation windows at every evaluation.
     eval_idx = np.unique(

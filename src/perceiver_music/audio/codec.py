@@ -154,11 +154,19 @@ class CodecRun:
 
     # ------------------------------------------------------------------ codes files
 
-    def save_codes(self, path: str | os.PathLike, codes: list[np.ndarray], samples: int, source: str) -> Path:
+    def save_codes(
+        self,
+        path: str | os.PathLike,
+        codes: list[np.ndarray] | dict[int, np.ndarray],
+        samples: int,
+        source: str,
+    ) -> Path:
+        """Codes of every level (a list), or of some ({level: codes}), as a codes file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"layout": asdict(self.layout), "weights": self.digest, "samples": samples, "source": source}
-        arrays = {f"level{lv}": c.astype(np.uint16) for lv, c in enumerate(codes)}
+        levels = codes.items() if isinstance(codes, dict) else enumerate(codes)
+        arrays = {f"level{lv}": c.astype(np.uint16) for lv, c in levels}
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(tmp, path)

@@ -191,8 +191,17 @@ def write_codec_eval(result: dict, examples: list, out: Path, sample_rate: int) 
         spectrogram_png(out / "plots" / f"clip{i}.png", title, x, recon, sample_rate)
 
 
-def spectrogram_png(path: Path, title: str, x: np.ndarray, recon: list[np.ndarray], sample_rate: int) -> None:
-    """Log-magnitude spectrograms: the original, then each level's reconstruction."""
+def spectrogram_png(
+    path: Path,
+    title: str,
+    x: np.ndarray,
+    recon: list[np.ndarray],
+    sample_rate: int,
+    boundary: float | None = None,
+    label: str = "original",
+) -> None:
+    """Log-magnitude spectrograms: the original (named `label`), then each level's
+    reconstruction; `boundary` (seconds) draws a line, e.g. where a prompt ends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +209,7 @@ def spectrogram_png(path: Path, title: str, x: np.ndarray, recon: list[np.ndarra
     from scipy.signal import stft
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [("original", x)] + [(f"level {lv}", y) for lv, y in enumerate(recon)]
+    rows = [(label, x)] + [(f"level {lv}", y) for lv, y in enumerate(recon)]
     fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.2 * len(rows)), dpi=100, sharex=True)
     for ax, (name, sig) in zip(np.atleast_1d(axes), rows):
         f, t, z = stft(sig, sample_rate, nperseg=1024, noverlap=768)
@@ -208,6 +217,8 @@ def spectrogram_png(path: Path, title: str, x: np.ndarray, recon: list[np.ndarra
             t, f / 1000, 20 * np.log10(np.abs(z) + 1e-6), vmin=-100, vmax=-10, shading="auto", cmap="magma"
         )
         ax.set_ylabel(f"{name}\nkHz")
+        if boundary is not None:
+            ax.axvline(boundary, color="cyan", lw=1.2)
     np.atleast_1d(axes)[-1].set_xlabel("seconds")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -15,6 +15,7 @@ part of a piece is scored, so a reference from the piece would show the model wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -98,8 +99,9 @@ def piece_nll(
                 total=torch.full((B,), float(total)),
                 elapsed=window_elapsed,
             ).to(device)
+        kwargs = {} if cond is None else {"cond": cond}  # (an audio upsampler takes none)
         logits = model(
-            seq_t[:, :-1], torch.from_numpy(pos[:, :-1]).to(device), num_latents, cond=cond
+            seq_t[:, :-1], torch.from_numpy(pos[:, :-1]).to(device), num_latents, **kwargs
         )  # [B, N, V]
         targets = seq_t[:, -num_latents:]
         nll = (
@@ -145,6 +147,7 @@ def evaluate_likelihood(
         if not 1 <= stride <= max_len:
             raise ValueError(f"--stride must be in 1..{max_len}")
         num_latents = stride
+    condition = _piece_condition(model, config, data_dir, split)
     labels = bucket_labels(buckets)
     sums, counts = np.zeros(len(labels)), np.zeros(len(labels), np.int64)
     per_piece = []
@@ -160,7 +163,8 @@ def evaluate_likelihood(
             cond["total"] = float(seconds[-1]) if told else 0.0
         if told and m.conditioned_on("label"):
             cond["label"] = label_ids.get(data.labels[i], 0) if data.labels[i] else 0
-        nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device, **cond)
+        with condition(i):
+            nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device, **cond)
         which = np.searchsorted(np.array(buckets), np.arange(1, len(tokens)), side="right")
         sums += np.bincount(which, weights=nll, minlength=len(labels))
         counts += np.bincount(which, minlength=len(labels))
@@ -180,6 +184,17 @@ def evaluate_likelihood(
     return LikelihoodResult(
         total / count, total / count / math.log(2), count, len(per_piece), rows, per_piece
     )
+
+
+def _piece_condition(model, config, data_dir, split: str):
+    """i -> the context piece i is scored in: audio codes are checked against the model's codec
+    and level, and an upsampler is conditioned on the level above (audio/codes.py)."""
+    codes_data = TokenData(data_dir, split).meta.get("kind") == "codes"
+    if not (codes_data or config.codes.codec or config.model.arch == "upsampler"):
+        return lambda i: contextlib.nullcontext()
+    from perceiver_music.audio.codes import piece_conditioning
+
+    return piece_conditioning(model, config, data_dir, split)
 
 
 def write_likelihood(result: LikelihoodResult, out_dir: str | os.PathLike, meta: dict) -> Path:

@@ -44,7 +44,7 @@ class Transformer(TokenModel):
         B, L = tokens.shape
         N = min(num_latents or self.cfg.num_latents, L)
         pad = tokens == PAD
-        h = self.embed_dropout(self.embed(tokens))  # [B, L, D]
+        h = self.embed_dropout(self.embed_inputs(tokens, positions))  # [B, L, D]
         if self.conditioner is not None:
             h = h + self.conditioner(cond, B, L, tokens.device)
         angles = self.rotary.angles(positions)
@@ -56,6 +56,11 @@ class Transformer(TokenModel):
         for block in self.blocks:
             h = self.run_block(block, h, mask, self.rotary, angles)
         return self.head(self.norm(h[:, -N:]))
+
+    def embed_inputs(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Input embeddings [B, L, D]; a subclass adds conditioning by position (the audio
+        upsampler), the same in the full forward and the cached one."""
+        return self.embed(tokens)
 
     # ------------------------------------------------------------------ cached generation
 
@@ -76,7 +81,7 @@ class Transformer(TokenModel):
         if T > 1:
             k_pos = torch.arange(lo, start + T, device=tokens.device).expand(B, -1)
             mask = attention_mask(positions, k_pos, torch.zeros_like(k_pos, dtype=torch.bool), None, band)
-        h = self.embed(tokens)
+        h = self.embed_inputs(tokens, positions)
         if self.conditioner is not None:
             h = h + self.conditioner(cond, B, T, tokens.device)
         for block, kv in zip(self.blocks, cache):

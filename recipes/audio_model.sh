@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The audio model end to end: ASAP rendered to piano audio -> prepare-audio -> the codec
+# (vqvae_tiny) -> prepare-codes -> the top prior (prior_tiny, level 1) and the upsampler
+# (upsampler_tiny, level 0) -> a PRIORS_DIR -> 20 s generated, and 10 s continuing a held-out
+# recording.
+#
+#   bash recipes/audio_model.sh                     # LIMIT=60 performances (~5 h of audio)
+#   LIMIT=8 PRIOR_STEPS=200 UP_STEPS=200 bash recipes/audio_model.sh   # a quick pass
+#
+# Every stage skips what is already done (a run that finished says so; --resume continues a
+# killed one), so the recipe can be re-run after an interruption. Expected times on 2 CPU
+# cores (the machine's; a GPU trains the priors in minutes):
+#
+#   1. render + prepare-audio   recipes/render_asap_audio.sh: 4.6x real time, about 1 h for
+#                               LIMIT=60 (measured there)
+#   2. codec                    vqvae_tiny, 800 steps: about 30 minutes (the preset's budget)
+#   3. prepare-codes            both levels; the tiny codec encodes at tens of times real time:
+#                               minutes for a few hours of audio
+#   4. top prior                prior_tiny, PRIOR_STEPS=4000 steps of 8 windows x 256 targets:
+#                               about 5.5 h (measured: 420 targets/s, 4.9 s a step, on one
+#                               thread of a 2-core CPU shared with a training run)
+#   5. upsampler                upsampler_tiny, UP_STEPS=1000 steps of 8 windows x 1,024
+#                               targets: about 6 h (measured: 400 targets/s, 20 s a step); its
+#                               config's 4000 steps take a day there, minutes on a GPU
+#   6. generate                 20 s: about 12 minutes on one thread of a loaded 2-core CPU
+#                               (bench/audio_generate_speed.py: 3 s of audio in 105 s at these
+#                               sizes; README, "Audio priors")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-data/asap_audio}
+RUNS=${RUNS:-runs/audio}
+LIMIT=${LIMIT:-60}
+CODEC_STEPS=${CODEC_STEPS:-800}
+PRIOR_STEPS=${PRIOR_STEPS:-4000}
+UP_STEPS=${UP_STEPS:-1000}
+SECONDS_OUT=${SECONDS_OUT:-20}
+
+if [ "${SETUP:-1}" = 1 ]; then  # SETUP=0: use the perceiver-music and python already on PATH
+    bash scripts/setup.sh >/dev/null
+    . .venv/bin/activate
+fi
+
+stage() { echo; echo "== $1 ($(date -u +%H:%M:%S) UTC)"; }
+train_run() {  # CONFIG DATA RUN STEPS: train, or continue a run that exists
+    local resume=()
+    [ -d "$3/checkpoints" ] && resume=(--resume)
+    perceiver-music train --config "$1" --data "$2" --out "$3" "${resume[@]}" train.steps="$4"
+}
+
+stage "1. render ASAP and prepare the audio (LIMIT=$LIMIT)"
+SETUP=0 OUT="$OUT" LIMIT="$LIMIT" RATE=22050 bash recipes/render_asap_audio.sh
+
+stage "2. the codec: vqvae_tiny, $CODEC_STEPS steps"
+train_run vqvae_tiny "$OUT/data" "$RUNS/codec" "$CODEC_STEPS"
+
+stage "3. prepare-codes: every level"
+perceiver-music prepare-codes "$OUT/data" --codec "$RUNS/codec" --out "$OUT/codes"
+
+stage "4. the top prior (level 1): prior_tiny, $PRIOR_STEPS steps"
+train_run prior_tiny "$OUT/codes/level1" "$RUNS/top" "$PRIOR_STEPS"
+
+stage "5. the upsampler (level 0): upsampler_tiny, $UP_STEPS steps"
+train_run upsampler_tiny "$OUT/codes/level0" "$RUNS/up0" "$UP_STEPS"
+
+stage "6. the PRIORS_DIR, NLL per level on the test split, and generation"
+mkdir -p "$RUNS/priors"
+cat > "$RUNS/priors/priors.json" <<'JSON'
+{"codec": "../codec", "top": "../top", "upsamplers": {"0": "../up0"}}
+JSON
+perceiver-music evaluate --ckpt "$RUNS/priors" --data "$OUT/codes" --split test --out "$RUNS/eval" --quiet
+perceiver-music generate --ckpt "$RUNS/priors" --seconds "$SECONDS_OUT" --out "$RUNS/generated"
+# A held-out recording (the first test file), its first 10 s as the prompt, continued for 10 s.
+prompt=$(python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+test = [p for p in json.loads((out / "data" / "meta.json").read_text())["pieces"] if p["split"] == "test"]
+print(out / "wav" / test[0]["path"])
+PY
+)
+python - "$prompt" "$RUNS/prompt.wav" <<'PY'
+import sys
+import soundfile as sf
+audio, sr = sf.read(sys.argv[1], dtype="int16")
+sf.write(sys.argv[2], audio[: 10 * sr], sr, subtype="PCM_16")
+PY
+perceiver-music generate --ckpt "$RUNS/priors" --prompt "$RUNS/prompt.wav" --seconds 10 --out "$RUNS/continued"
+echo "generated: $RUNS/generated/sample_00.wav, continued: $RUNS/continued/sample_00.wav (spectrograms beside them)"

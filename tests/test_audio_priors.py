@@ -1,0 +1,433 @@
+"""Priors over audio codes: prepare-codes, the top prior and upsamplers trained by `train`, the
+codebook mask, exact cached sampling on codes, and audio generation from a PRIORS_DIR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from perceiver_music.audio.codec import CodecRun
+from perceiver_music.audio.codes import (
+    FIRST_CODE,
+    CodebookMask,
+    UpsamplerWindows,
+    codes_meta,
+    collate_upsampler,
+    ids_of,
+    level_dir,
+    prepare_codes,
+)
+from perceiver_music.audio.data import AudioData, prepare_audio
+from perceiver_music.audio.generate import PriorsError, generate_audio, load_priors, write_priors
+from perceiver_music.audio.upsampler import conditioner_margin
+from perceiver_music.checkpoint import load_model
+from perceiver_music.cli import main
+from perceiver_music.config import AudioPrepareConfig, ConfigError, PrepareConfig, load_config
+from perceiver_music.data.windows import TokenData, WindowDataset
+from perceiver_music.evaluate.likelihood import evaluate_likelihood
+from perceiver_music.sample import CachedStream, ReferenceStream, SamplingConfig, generate
+from perceiver_music.tokens.performance import BOS, EOS
+from perceiver_music.train import train
+from test_audio_codec import SR, TINY_TRAIN, tones
+
+RVQ = ["codec.quantizer=rvq", "codec.levels=1", "codec.downs_t=[1]", "codec.strides_t=[8]"]
+RVQ += ["codec.multipliers=[1]", "codec.codebooks=3"]
+TINY_PRIOR = [
+    "model.max_len=48",
+    "model.num_latents=16",
+    "model.width=16",
+    "model.heads=2",
+    "model.layers=1",
+    "model.scales=[full]",
+    "model.dropout=0.0",
+    "model.vocab_size=19",  # 3 + 16 codes
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.eval_every=2",
+    "train.ckpt_every=2",
+    "train.eval_windows=2",
+    "train.threads=1",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+]
+TINY_UPSAMPLER = [o for o in TINY_PRIOR if not o.startswith(("model.num_latents", "model.scales"))]
+TINY_UPSAMPLER += ["model.num_latents=48", "codes.cond_depth=2"]
+
+
+def _codec(data: Path, run: Path, *extra: str) -> Path:
+    cfg = load_config(
+        "vqvae_tiny", [*TINY_TRAIN, "train.steps=2", "train.eval_every=2", "train.ckpt_every=2", *extra]
+    )
+    train(cfg, data, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, Path]:
+    """Audio data, a 2-level codec, its codes, a top prior and an upsampler (2 steps each)."""
+    root = tmp_path_factory.mktemp("priors")
+    wav = root / "wav"
+    wav.mkdir()
+    for i in range(5):
+        sf.write(wav / f"p{i}.wav", tones(1.5, seed=i), SR, subtype="PCM_16")
+    split = PrepareConfig(valid_fraction=0.3, test_fraction=0.2)
+    prepare_audio(wav, root / "data", AudioPrepareConfig(sample_rate=SR), split, progress=False)
+    codec = _codec(root / "data", root / "codec")
+    prepare_codes(root / "data", CodecRun.load(codec), root / "codes", codec_path=codec, progress=False)
+    top = root / "top"
+    train(load_config("prior_tiny", TINY_PRIOR), level_dir(root / "codes", 1), top, progress=False)
+    up = root / "up0"
+    train(load_config("upsampler_tiny", TINY_UPSAMPLER), level_dir(root / "codes", 0), up, progress=False)
+    write_priors(root / "priors", "../codec", "../top", {0: "../up0"})
+    return {
+        "root": root,
+        "wav": wav,
+        "data": root / "data",
+        "codec": codec,
+        "codes": root / "codes",
+        "top": top,
+        "up": up,
+    }
+
+
+# ----------------------------------------------------------------------------- prepare-codes
+
+
+def test_prepare_codes_writes_every_level_as_token_data(work):
+    run = CodecRun.load(work["codec"])
+    audio = AudioData(work["data"], "train")
+    for level in (0, 1):
+        data = TokenData(level_dir(work["codes"], level), "train")
+        meta = data.meta
+        assert meta["kind"] == "codes" and meta["vocab_size"] == FIRST_CODE + 16
+        assert meta["codec"]["weights"] == run.digest and meta["codec"]["level"] == level
+        assert meta["codec"]["upper"] == ("level1" if level == 0 else None)
+        assert data.paths == audio.paths and len(data) == len(audio) > 0
+        for i in range(len(data)):
+            piece = np.asarray(data.piece(i), np.int64)
+            codes = run.encode_array(audio.clip(i))[level]
+            assert piece[0] == BOS and piece[-1] == EOS
+            assert np.array_equal(piece[1:-1], codes[0] + FIRST_CODE)
+    # Level 0 has 4 frames per level-1 frame (hops 4 and 16), piece by piece.
+    lower, upper = (TokenData(level_dir(work["codes"], lv), "train") for lv in (0, 1))
+    assert all(lower.index[i, 1] - 2 == 4 * (upper.index[i, 1] - 2) for i in range(len(lower)))
+
+
+def test_prepare_codes_flattens_residual_codebooks_into_their_own_id_ranges(work, tmp_path):
+    codec = _codec(work["data"], tmp_path / "rvq", *RVQ)
+    run = CodecRun.load(codec)
+    assert (
+        main(
+            [
+                "prepare-codes",
+                str(work["data"]),
+                "--codec",
+                str(codec),
+                "--out",
+                str(tmp_path / "codes"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    data = TokenData(level_dir(tmp_path / "codes", 0), "train")
+    assert data.meta["vocab_size"] == FIRST_CODE + 3 * 16 and data.meta["codec"]["codebooks"] == 3
+    piece = np.asarray(data.piece(0), np.int64)[1:-1]
+    codes = run.encode_array(AudioData(work["data"], "train").clip(0))[0]  # [3, T]
+    assert len(piece) == 3 * codes.shape[1]
+    k = np.arange(len(piece)) % 3  # frame-major: codebook k at every third id
+    assert np.all((piece >= FIRST_CODE + 16 * k) & (piece < FIRST_CODE + 16 * (k + 1)))
+    assert np.array_equal(piece, ids_of(codes, 16))
+    assert np.array_equal(piece[3:6], codes[:, 1] + FIRST_CODE + 16 * np.arange(3))
+
+
+def test_prepare_codes_refuses_what_it_cannot_read(work, tmp_path, capsys):
+    midi_like = tmp_path / "midi"
+    midi_like.mkdir()
+    (midi_like / "meta.json").write_text(json.dumps({"kind": "midi"}))
+    for folder, message in [
+        (tmp_path / "nothing", "no meta.json; prepare-codes reads a folder made by `prepare-audio`"),
+        (midi_like, "prepare-codes reads a folder made by `prepare-audio`"),
+        (level_dir(work["codes"], 0), "codes already (made by `prepare-codes`)"),
+    ]:
+        assert (
+            main(["prepare-codes", str(folder), "--codec", str(work["codec"]), "--out", str(tmp_path / "o")])
+            == 2
+        )
+        assert message in capsys.readouterr().err
+    args = ["prepare-codes", str(work["data"]), "--codec", str(work["codec"]), "--out", str(tmp_path / "o")]
+    assert main([*args, "--level", "5"]) == 2
+    assert "--level 5: the codec has levels 0..1" in capsys.readouterr().err
+    assert main([*args[:3], str(work["top"]), *args[4:]]) == 2  # a prior is not a codec
+    assert "not an audio codec" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_records_the_codec_and_refuses_augmentation_on_codes(work, tmp_path):
+    _, cfg = load_model(work["top"])
+    meta = codes_meta(level_dir(work["codes"], 1))
+    assert (
+        cfg.codes.codec == meta["codec"]["weights"] and cfg.codes.level == 1 and cfg.codes.cardinality == 16
+    )
+    with pytest.raises(ConfigError, match="cannot be transposed or time-stretched"):
+        train(
+            load_config("prior_tiny", [*TINY_PRIOR, "data.transpose=3"]),
+            level_dir(work["codes"], 1),
+            tmp_path / "a",
+        )
+    with pytest.raises(ConfigError, match="the top level of its codec"):
+        train(load_config("upsampler_tiny", TINY_UPSAMPLER), level_dir(work["codes"], 1), tmp_path / "b")
+    with pytest.raises(
+        ConfigError, match="vocabulary of 19 ids .* model.vocab_size is 515: set model.vocab_size=19"
+    ):
+        cfg = load_config("prior_tiny", [o for o in TINY_PRIOR if "vocab" not in o])
+        train(cfg, level_dir(work["codes"], 1), tmp_path / "c")
+
+
+def test_evaluate_gives_nll_per_level_on_code_data(work, tmp_path, capsys):
+    for run, level in ((work["top"], 1), (work["up"], 0)):
+        result = evaluate_likelihood(run, level_dir(work["codes"], level), "train", progress=False)
+        data = TokenData(level_dir(work["codes"], level), "train")
+        assert result.tokens == int((data.index[:, 1] - 1).sum())  # every id after BOS, once
+        assert 0 < result.nats_per_token < 2 * np.log(19)
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--ckpt",
+        str(work["up"]),
+        "--data",
+        str(level_dir(work["codes"], 0)),
+        "--split",
+        "train",
+    ]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "likelihood.json").read_text())["tokens"] == result.tokens
+    # A PRIORS_DIR: every level at once, bits per second of audio beside bits per code.
+    out = tmp_path / "levels"
+    args_priors = ["evaluate", "--ckpt", str(work["root"] / "priors"), "--data", str(work["codes"])]
+    assert main([*args_priors, "--split", "train", "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "levels.json").read_text())["levels"]
+    assert [r["level"] for r in rows] == [1, 0] and rows[1]["codes"] == result.tokens
+    assert rows[0]["bits_per_second"] == pytest.approx(rows[0]["bits_per_code"] * 500)  # 500 frames/s
+    assert (out / "level0" / "likelihood.json").is_file() and "| 0 |" in (out / "levels.md").read_text()
+    # A model is scored only on its own codec's level.
+    bad = [*args[:4], str(level_dir(work["codes"], 1)), *args[5:], "--out", str(out)]
+    assert main(bad) == 2
+    assert "codes of level 1 of codec" in capsys.readouterr().err
+
+
+def test_upsampler_windows_condition_exactly_as_the_whole_piece(work):
+    """A training window's upper codes (its frames plus the conditioner's margin) give every
+    input the vector the whole upper piece gives it: what the sampler sees."""
+    model, cfg = load_model(work["up"])
+    lower = TokenData(level_dir(work["codes"], 0), "train")
+    upper = TokenData(level_dir(work["codes"], 1), "train")
+    windows = WindowDataset(lower, cfg.data, cfg.model.max_len, cfg.model.num_latents, train=True, seed=3)
+
+    def vectors(margin=None):
+        ds = UpsamplerWindows(windows, upper, cfg.codes)
+        if margin is not None:
+            ds.margin = margin
+        items = [ds[i] for i in range(24)]
+        batch = collate_upsampler(items)
+        with model.conditioned(batch["upper"], batch["upper_valid"], batch["first_upper"]):
+            got = model.embed_inputs(batch["inputs"], batch["positions"])
+        want = []
+        for w in items:
+            whole = torch.as_tensor(np.asarray(upper.piece(w.piece)[1:-1], np.int64) - FIRST_CODE)[None]
+            with model.conditioned(whole):
+                want.append(
+                    model.embed_inputs(torch.as_tensor(w.inputs)[None], torch.as_tensor(w.positions)[None])
+                )
+        return got, torch.cat(want)
+
+    got, want = vectors()
+    assert conditioner_margin(cfg.codes) > 2
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # Without the margin the window's edges see zero padding the piece does not have.
+    got, want = vectors(margin=0)
+    assert not torch.allclose(got, want, atol=1e-5)
+    # The conditioning reaches the model: other upper codes, other logits.
+    x = torch.as_tensor(np.asarray(lower.piece(0)[:48], np.int64))[None]  # the piece's start
+    pos = torch.arange(48)[None]
+    u = torch.randint(0, 16, (1, 40))
+    with torch.no_grad():
+        a = model(
+            x,
+            pos,
+            upper=u,
+            upper_valid=torch.ones_like(u, dtype=torch.bool),
+            first_upper=torch.zeros(1, dtype=torch.long),
+        )
+        b = model(
+            x,
+            pos,
+            upper=(u + 1) % 16,
+            upper_valid=torch.ones_like(u, dtype=torch.bool),
+            first_upper=torch.zeros(1, dtype=torch.long),
+        )
+    assert not torch.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _steps(model, prompt, n, use_cache, mask_args):
+    """Logits at every step and the sampled ids of n steps with the codebook mask."""
+    stream = (CachedStream if use_cache else ReferenceStream)(model, prompt, prompt.shape[1] + n)
+    mask = CodebookMask(*mask_args)
+    gen = torch.Generator().manual_seed(0)
+    logits, ids = [stream.current.clone()], []
+    from perceiver_music.sample import sample_next
+
+    for i in range(n):
+        token = sample_next(stream.current, SamplingConfig(keyboard=False), gen, mask)
+        mask.update(token)
+        ids.append(token)
+        if i < n - 1:
+            logits.append(stream.append(token).clone())
+    return torch.stack(logits), torch.stack(ids, 1)
+
+
+def test_cached_sampling_on_codes_equals_the_reference_past_the_context(work):
+    """Top prior (Perceiver AR, refills and sliding past max_len) with 3 residual codebooks,
+    and the upsampler (conditioned Transformer band): logits allclose at every step, the same
+    ids, each in its codebook's range."""
+    torch.manual_seed(0)
+    cfg = load_config("prior_tiny", [*TINY_PRIOR, "model.vocab_size=51"])  # 3 codebooks of 16
+    from perceiver_music.model import build_model
+
+    prior = build_model(cfg.model).eval()
+    cfg.codes.codebooks, cfg.codes.cardinality = 3, 16
+    prompt = torch.tensor([[BOS, 3, 19, 35, 4, 20]])  # BOS and two frames
+    n = 3 * cfg.model.max_len  # far past the context, through many refills
+    with torch.no_grad():
+        a, ids_a = _steps(prior, prompt, n, True, (cfg.codes, 51, prompt.shape[1]))
+        b, ids_b = _steps(prior, prompt, n, False, (cfg.codes, 51, prompt.shape[1]))
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert torch.equal(ids_a, ids_b)
+    k = (torch.arange(prompt.shape[1], prompt.shape[1] + n) - 1) % 3
+    assert torch.all((ids_a[0] >= 3 + 16 * k) & (ids_a[0] < 3 + 16 * (k + 1)))
+
+    model, ucfg = load_model(work["up"])
+    upper = torch.randint(0, 16, (1, 60))
+    prompt = torch.tensor([[BOS, 5, 6]])
+    with torch.no_grad(), model.conditioned(upper):
+        a, ids_a = _steps(model, prompt, 150, True, (ucfg.codes, 19, 3))
+        b, ids_b = _steps(model, prompt, 150, False, (ucfg.codes, 19, 3))
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert torch.equal(ids_a, ids_b) and bool((ids_a >= FIRST_CODE).all())
+    # generate() with the mask: the same with and without the cache, never a special id.
+    with torch.no_grad(), model.conditioned(upper):
+        rows = [
+            generate(model, prompt, 100, SamplingConfig(keyboard=False), seed=1, use_cache=c, stop_at_eos=False,
+                     logits_mask=CodebookMask(ucfg.codes, 19, 3))[0]
+            for c in (True, False)
+        ]  # fmt: skip
+    assert torch.equal(rows[0], rows[1]) and len(rows[0]) == 103 and bool((rows[0][3:] >= FIRST_CODE).all())
+
+
+def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tmp_path, capsys):
+    prompt = work["wav"] / "p0.wav"
+    out = tmp_path / "gen"
+    assert main(["generate", "--ckpt", str(work["root"] / "priors"), "--prompt", str(prompt), "--seconds", "0.25",
+                 "--out", str(out), "--quiet", "--seed", "3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "1.50 s of prompt + 0.25 s generated" in printed and "s of audio per second" in printed
+    original, sr = sf.read(prompt, dtype="int16")
+    audio, sr2 = sf.read(out / "sample_00.wav", dtype="int16")
+    assert sr == sr2 == SR and len(audio) == len(original) + SR // 4
+    assert np.array_equal(audio[: len(original)], original)  # the prompt, bit for bit
+    assert np.abs(audio[len(original) :]).max() > 0
+    run = CodecRun.load(work["codec"])
+    codes, _ = run.load_codes(out / "sample_00.codes.npz")
+    prompt_codes = run.encode_array(original.astype(np.float32) / 32768)
+    for level in (0, 1):
+        t = prompt_codes[level].shape[1]
+        assert np.array_equal(codes[level][:, :t], prompt_codes[level])  # each level continues its own codes
+        assert codes[level].shape[1] == t + {1: 125, 0: 500}[level]  # ceil(0.25 s x 500) top frames x 4
+    settings = json.loads((out / "generate.json").read_text())
+    assert (
+        settings["decoded_level"] == 0
+        and settings["prompt_seconds"] == 1.5
+        and (out / "sample_00.png").is_file()
+    )
+
+    # Unconditional, two samples, without the cache: the same codes as with it.
+    a = generate_audio(work["root"] / "priors", tmp_path / "a", 0.1, num=2, seed=5, progress=False, png=False)
+    b = generate_audio(
+        work["root"] / "priors",
+        tmp_path / "b",
+        0.1,
+        num=2,
+        seed=5,
+        use_cache=False,
+        progress=False,
+        png=False,
+    )
+    for x, y in zip(a.codes_files, b.codes_files):
+        cx, cy = run.load_codes(x)[0], run.load_codes(y)[0]
+        assert all(np.array_equal(cx[lv], cy[lv]) for lv in (0, 1))
+    assert a.speed > 0 and len(sf.read(a.audio_files[1])[0]) == int(0.1 * SR)
+    # Jukebox's windows for the upsampler (200 level-0 frames in windows adding 24 each):
+    # exact with and without the cache too, the top level untouched, the prompt kept.
+    hop = [
+        generate_audio(work["root"] / "priors", tmp_path / f"h{c}", 0.1, prompt=prompt, seed=5, use_cache=c,
+                       progress=False, png=False, hop_fraction=0.5)
+        for c in (True, False)
+    ]  # fmt: skip
+    cx, cy = (run.load_codes(h.codes_files[0])[0] for h in hop)
+    assert all(np.array_equal(cx[lv], cy[lv]) for lv in (0, 1))
+    assert cx[0].shape[1] == prompt_codes[0].shape[1] + 200
+    assert np.array_equal(cx[0][:, : prompt_codes[0].shape[1]], prompt_codes[0])
+    assert json.loads((tmp_path / "hTrue" / "generate.json").read_text())["hop_fraction"] == 0.5
+
+
+def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, capsys):
+    priors = work["root"] / "priors"
+    gen = ["generate", "--ckpt", str(priors), "--seconds", "0.2", "--out", str(tmp_path / "o")]
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("these are not samples")
+    other_rate = tmp_path / "fast.wav"
+    sf.write(other_rate, tones(0.5, 16000), 16000)
+    for args, message in [
+        ([*gen, "--prompt", str(not_audio)], "not audio that libsndfile can read"),
+        ([*gen, "--prompt", str(other_rate)], "a prompt at 16000 Hz; this codec works at 8000 Hz"),
+        (
+            [*gen[:-2], "--out", str(tmp_path / "o"), "--prompt", str(tmp_path / "none.wav")],
+            "no such prompt file",
+        ),
+        (gen[:3] + gen[5:], "takes --seconds S"),
+        ([*gen, "--hop-fraction", "1.5"], "--hop-fraction must be in (0, 1], got 1.5"),
+    ]:
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+    # Priors of another codec mixed in: a second codec (other weights) with the first's top prior.
+    other = _codec(work["data"], tmp_path / "codec2", "train.seed=7")
+    write_priors(tmp_path / "mixed", str(other), str(work["top"]), {0: str(work["up"])})
+    with pytest.raises(PriorsError, match="trained on codes of another codec .*cannot be mixed"):
+        load_priors(tmp_path / "mixed")
+    write_priors(tmp_path / "swapped", str(work["codec"]), str(work["up"]), {0: str(work["top"])})
+    with pytest.raises(PriorsError, match="trained on level 0 codes, not level 1"):
+        load_priors(tmp_path / "swapped")
+    write_priors(tmp_path / "gap", str(work["codec"]), str(work["top"]), {5: str(work["up"])})
+    with pytest.raises(PriorsError, match="without a gap"):
+        load_priors(tmp_path / "gap")
+    assert main(["generate", "--ckpt", str(work["top"]), "--out", str(tmp_path / "o"), "--no-render"]) == 2
+    assert "not MIDI: generate audio with --ckpt PRIORS_DIR" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "priors.json").write_text("{")
+    assert (
+        main(["generate", "--ckpt", str(tmp_path / "broken"), "--seconds", "1", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "priors.json: not a priors file" in capsys.readouterr().err
