@@ -22,6 +22,7 @@ from perceiver_music.tokens.performance import BOS, PAD, Vocab
 from perceiver_music.train import train
 
 from conftest import random_pieces
+from test_train import TINY as TRAIN_TINY
 
 V = 391
 VOCAB = Vocab(TokenizerConfig())
@@ -207,17 +208,10 @@ def test_guidance_mixes_conditioned_and_unconditioned_logits():
 
 
 TINY = [
-    "model.max_len=64",
-    "model.num_latents=16",
-    "model.width=32",
-    "model.heads=4",
-    "model.layers=1",
-    "model.scales=[full, 16]",
+    *TRAIN_TINY,
     "model.style_len=32",
     "model.style_width=16",
-    "train.batch_size=2",
     "train.eval_windows=4",
-    "train.threads=1",
     "train.log_every=1",
     "train.eval_every=100",
     "train.ckpt_every=3",
