@@ -20,9 +20,9 @@ from perceiver_music.sample import CachedStream, ReferenceStream, generate
 from perceiver_music.sample import Conditions as SampleConditions
 from perceiver_music.tokens.performance import BOS, PAD, Vocab
 from perceiver_music.train import train
+from test_train import TINY as TRAIN_TINY
 
 from conftest import random_pieces
-from test_train import TINY as TRAIN_TINY
 
 V = 391
 VOCAB = Vocab(TokenizerConfig())
