@@ -335,7 +335,11 @@ def test_bad_upload_is_refused_and_the_server_keeps_serving(server, browser, tmp
     jobs = server["out"] / "jobs"
     before = sorted(jobs.iterdir()) if jobs.is_dir() else []
     _css(browser, "#generate")[0].click()
-    _wait(browser, lambda d: any(message in t.text for t in _css(d, ".toast-body")))
+    # (The upload's warning says the same: wait for the error toast of Generate itself.)
+    _wait(
+        browser,
+        lambda d: any(t.text.startswith("Error") and message in t.text for t in _css(d, ".toast-body")),
+    )
     assert (sorted(jobs.iterdir()) if jobs.is_dir() else []) == before
     browser.save_screenshot(str(tmp_path / "refused.png"))
     # The server still serves: a good prompt, then a generation.
