@@ -25,6 +25,7 @@ import pytest
 from perceiver_music.render import rendering_available, roll_data
 from perceiver_music.studio import (
     MAX_VARIATIONS,
+    Job,
     Studio,
     UploadError,
     check_midi_upload,
@@ -107,6 +108,50 @@ def test_model_card_bundled_and_run(tiny_run):
     run = model_info(tiny_run / "run")
     assert not run.bundled and run.labels == [] and run.style is False
     assert "1 layers of width 32" in run.card and "64 tokens, 16 latents" in run.card
+
+
+def test_conditioning_is_passed_only_when_set(tiny_run, tmp_path, monkeypatch):
+    from perceiver_music import generate
+
+    info = model_info(tiny_run / "run")
+    studio = Studio(info, tmp_path / "out", tiny_run / "run")
+    style = write_midi(tmp_path / "my style.mid", [(0, 500, 60, 80)])
+    with pytest.raises(ValueError, match="this version of generate does not take composer"):
+        studio.generate(Job(composer="Bach", guidance=2.0))
+    assert not (tmp_path / "out" / "jobs").exists()  # refused before anything is written
+
+    calls = []
+
+    def fake(ckpt, out_dir, prompt=None, composer=None, style=None, guidance=1.0, **settings):
+        calls.append({"composer": composer, "style": style, "guidance": guidance, **settings})
+        return "done"
+
+    monkeypatch.setattr(generate, "generate_midi", fake)
+    assert studio.generate(Job(seconds=5, guidance=3.0)) == "done"
+    assert calls[-1]["composer"] is None and calls[-1]["style"] is None and calls[-1]["guidance"] == 1.0
+    studio.generate(Job(seconds=5, composer="Bach", style=style, guidance=3.0))
+    assert calls[-1]["composer"] == "Bach" and calls[-1]["guidance"] == 3.0
+    assert calls[-1]["style"].name == "style_my_style.mid" and calls[-1]["style"].is_file()
+    assert calls[-1]["style"].resolve().is_relative_to((tmp_path / "out" / "jobs").resolve())
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gradio") is None, reason="needs gradio (pip install -e '.[studio]')"
+)
+def test_conditioning_controls_only_for_models_that_have_them(tiny_run, tmp_path):
+    from perceiver_music.studio import build_app
+
+    def visible(info) -> dict[str, bool]:
+        app = build_app(Studio(info, tmp_path / "out", tiny_run / "run"))
+        props = [c["props"] for c in app.config["components"]]
+        return {
+            p["elem_id"]: p.get("visible", True) for p in props if p.get("elem_id") in ("composer", "style")
+        }
+
+    plain = model_info(tiny_run / "run")
+    assert visible(plain) == {"composer": False, "style": False}
+    plain.labels, plain.style = ["Bach", "Chopin"], True
+    assert visible(plain) == {"composer": True, "style": True}
 
 
 def test_other_commands_do_not_import_gradio():

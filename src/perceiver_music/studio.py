@@ -197,23 +197,25 @@ class Studio:
         whole = prompt is None or job.keep_seconds is None or job.keep_seconds >= prompt.seconds
         keep = None if whole else job.keep_seconds
         style = check_midi_upload(job.style) if job.style is not None else None
+        # Conditioning goes to generate only when asked for, so models without it never see it.
+        conditioning: dict[str, Any] = {}
+        if job.composer:
+            conditioning["composer"] = job.composer
+        if style is not None:
+            conditioning["style"] = style.path
+        if conditioning and job.guidance is not None:
+            conditioning["guidance"] = job.guidance
+        unknown = [k for k in conditioning if k not in inspect.signature(generate_midi).parameters]
+        if unknown:
+            raise ValueError(f"this version of generate does not take {', '.join(unknown)}")
         folder = self.new_folder("jobs")
         # The job's folder keeps its inputs beside its outputs (under safe names).
         if prompt is not None:
             prompt_copy = folder / f"prompt_{prompt.name}"
             shutil.copyfile(prompt.path, prompt_copy)
-        conditioning: dict[str, Any] = {}
-        if job.composer:
-            conditioning["composer"] = job.composer
         if style is not None:
             conditioning["style"] = folder / f"style_{style.name}"
             shutil.copyfile(style.path, conditioning["style"])
-        if conditioning and job.guidance is not None:
-            conditioning["guidance"] = job.guidance
-        accepted = inspect.signature(generate_midi).parameters
-        unknown = [k for k in conditioning if k not in accepted]
-        if unknown:
-            raise ValueError(f"this version of generate does not take {', '.join(unknown)}")
         if on_progress is not None:
             on_progress("loading the model")
         return generate_midi(
