@@ -6,17 +6,19 @@ cd "$(dirname "$0")/.."
 
 # FluidSynth and a General MIDI soundfont turn MIDI into audio (`render`, and `generate`'s WAV);
 # MuseScore's soundfont holds public-domain Steinway D piano samples (recipes/render_asap_audio.sh),
-# and opus-tools is the Opus codec bench/codec.py compares the audio codec with.
+# opus-tools is the Opus codec bench/codec.py compares the audio codec with, and chromium with
+# chromium-driver is the headless browser the studio's tests drive.
 if ! command -v fluidsynth >/dev/null || [ ! -e /usr/share/sounds/sf2/FluidR3_GM.sf2 ] \
-    || [ ! -e /usr/share/sounds/sf3/MuseScore_General.sf3 ] || ! command -v opusenc >/dev/null; then
+    || [ ! -e /usr/share/sounds/sf3/MuseScore_General.sf3 ] || ! command -v opusenc >/dev/null \
+    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     apt=(apt-get)
     [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)
     if command -v apt-get >/dev/null && "${apt[@]}" update -qq >/dev/null 2>&1; then
         DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq --no-install-recommends \
-            fluidsynth fluid-soundfont-gm musescore-general-soundfont opus-tools >/dev/null
+            fluidsynth fluid-soundfont-gm musescore-general-soundfont opus-tools chromium chromium-driver >/dev/null
     else
-        echo "setup: could not install FluidSynth; MIDI and piano rolls work, audio needs:" >&2
-        echo "       sudo apt-get install fluidsynth fluid-soundfont-gm musescore-general-soundfont opus-tools" >&2
+        echo "setup: could not install FluidSynth; MIDI and piano rolls work, audio (and the studio's tests) need:" >&2
+        echo "       sudo apt-get install fluidsynth fluid-soundfont-gm musescore-general-soundfont opus-tools chromium chromium-driver" >&2
     fi
 fi
 
@@ -31,7 +33,7 @@ if [ ! -f "$stamp" ]; then
     # torch first, pinned: on CPU machines this version comes from a local wheel, and any other
     # version would pull gigabytes of CUDA packages. pyproject's range admits it.
     quiet_pip "torch==2.13.0"
-    quiet_pip -e ".[dev,audio]"
+    quiet_pip -e ".[dev,audio,studio]"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -384,3 +384,12 @@ def test_the_conditioning_bench_measures_every_condition_and_the_card_shows_it(
     section = "\n".join(recipe._conditioning(tmp_path / "eval", model))
     assert "`--composer` takes: A, B." in section
     assert f"| composer: wrong | {record['nll']['composer: wrong']:.4f} |" in section
+
+
+def test_the_studio_offers_a_conditioned_models_composers_and_style(conditioned_run, tiny_run):
+    from perceiver_music.studio import model_info
+
+    info = model_info(conditioned_run)
+    assert info.labels == ["A", "B"] and info.style is True
+    plain = model_info(tiny_run / "run")
+    assert plain.labels == [] and plain.style is False

@@ -609,6 +609,26 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    # Found, not imported: the studio sets where Gradio writes before Gradio is imported.
+    if importlib.util.find_spec("gradio") is None:
+        return _fail("the studio needs Gradio: pip install 'perceiver-music[studio]'", 1)
+    from perceiver_music.checkpoint import CheckpointError
+    from perceiver_music.studio import serve
+
+    try:
+        app = serve(args.ckpt, args.out, host=args.host, port=args.port, device=_device(args.device))
+    except (FileNotFoundError, CheckpointError) as e:
+        return _fail(str(e))
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        return _fail(f"cannot serve on {args.host}:{args.port}: {e}", 1)
+    print(f"perceiver-music studio: {app.local_url} (files under {args.out}; Ctrl+C stops)", flush=True)
+    app.block_thread()
+    return 0
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -913,6 +933,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser(
+        "studio",
+        help="a web page to generate from a model and listen (needs the studio extra)",
+        description="Start a local web app: upload a MIDI prompt, choose length, variations and "
+        "sampling, generate, and see, hear and download each variation. One generation runs at "
+        "a time; the others queue. Every file it writes is under --out.",
+    )
+    p.add_argument(
+        "--ckpt",
+        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model)",
+    )
+    p.add_argument("--port", type=int, default=7860, help="default 7860")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--out", default="studio", metavar="DIR", help="where every file goes (default ./studio)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_studio)
     return parser
 
 
