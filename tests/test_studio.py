@@ -116,7 +116,7 @@ def test_conditioning_is_passed_only_when_set(tiny_run, tmp_path, monkeypatch):
     info = model_info(tiny_run / "run")
     studio = Studio(info, tmp_path / "out", tiny_run / "run")
     style = write_midi(tmp_path / "my style.mid", [(0, 500, 60, 80)])
-    with pytest.raises(ValueError, match="this version of generate does not take composer"):
+    with pytest.raises(ValueError, match="not conditioned on composers"):
         studio.generate(Job(composer="Bach", guidance=2.0))
     assert not (tmp_path / "out" / "jobs").exists()  # refused before anything is written
 
@@ -127,6 +127,7 @@ def test_conditioning_is_passed_only_when_set(tiny_run, tmp_path, monkeypatch):
         return "done"
 
     monkeypatch.setattr(generate, "generate_midi", fake)
+    studio.info.condition, studio.info.labels = ["label", "style"], ["Bach"]  # as a conditioned model's
     assert studio.generate(Job(seconds=5, guidance=3.0)) == "done"
     assert calls[-1]["composer"] is None and calls[-1]["style"] is None and calls[-1]["guidance"] == 1.0
     studio.generate(Job(seconds=5, composer="Bach", style=style, guidance=3.0))

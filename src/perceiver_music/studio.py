@@ -16,7 +16,6 @@ imports this module.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 import re
@@ -56,6 +55,7 @@ class ModelInfo:
     card: str  # Markdown
     labels: list[str] = field(default_factory=list)  # composers it is conditioned on, if any
     style: bool = False  # whether it takes a style file
+    condition: list[str] = field(default_factory=list)  # model.condition: label, timing, style
 
 
 def safe_name(name: str, limit: int = 80) -> str:
@@ -96,13 +96,12 @@ def model_info(ckpt: str | os.PathLike | None) -> ModelInfo:
 
     folder = resolve(ckpt)
     cfg = read_config(folder / "config.json")
-    # Conditioning arrives with the models that have it: read it where present.
     condition = list(cfg.model.condition)
     labels = list(cfg.model.labels) if "label" in condition else []
     style = "style" in condition
     card_file = folder / "MODEL_CARD.md"
     card = card_file.read_text() if ckpt is None and card_file.is_file() else config_card(folder, cfg)
-    return ModelInfo(folder, ckpt is None, card, labels, style)
+    return ModelInfo(folder, ckpt is None, card, labels, style, condition)
 
 
 def config_card(folder: Path, cfg) -> str:
@@ -185,7 +184,7 @@ class Studio:
         UploadError for a refused prompt or style file, ValueError for a bad setting, and the
         errors of `generate_midi` (MidiError, CheckpointError) as they are."""
         from perceiver_music.generate import generate_midi
-        from perceiver_music.generate_settings import check_generate
+        from perceiver_music.generate_settings import check_conditioning, check_generate
         from perceiver_music.sample import SamplingConfig
 
         check_generate(
@@ -206,9 +205,15 @@ class Studio:
             conditioning["style"] = style.path
         if conditioning and job.guidance is not None:
             conditioning["guidance"] = job.guidance
-        unknown = [k for k in conditioning if k not in inspect.signature(generate_midi).parameters]
-        if unknown:
-            raise ValueError(f"this version of generate does not take {', '.join(unknown)}")
+        # Refused before a folder is made (the same check generate runs once the model is loaded).
+        check_conditioning(
+            self.info.condition,
+            self.info.labels,
+            conditioning.get("composer"),
+            style is not None,
+            conditioning.get("guidance", 1.0),
+            job.seconds,
+        )
         folder = self.new_folder("jobs")
         # The job's folder keeps its inputs beside its outputs (under safe names).
         if prompt is not None:
