@@ -189,6 +189,12 @@ def test_train_records_the_codec_and_refuses_augmentation_on_codes(work, tmp_pat
     ):
         cfg = load_config("prior_tiny", [o for o in TINY_PRIOR if "vocab" not in o])
         train(cfg, level_dir(work["codes"], 1), tmp_path / "c")
+    with pytest.raises(ConfigError, match="conditions MIDI models only so far"):
+        train(
+            load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing]"]),
+            level_dir(work["codes"], 1),
+            tmp_path / "d",
+        )
 
 
 def test_evaluate_gives_nll_per_level_on_code_data(work, tmp_path, capsys):

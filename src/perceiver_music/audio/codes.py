@@ -300,6 +300,11 @@ def make_code_task(cfg: Config, data_dir):
             raise ConfigError(f"{data_dir}: model.arch=upsampler trains on a level folder of `prepare-codes`")
         return None
     check_code_data(cfg, data_dir, meta)
+    if cfg.model.condition:  # its windows read time from TIME_SHIFTs, which codes do not have
+        raise ConfigError(
+            f"{data_dir}: audio codes; model.condition ({', '.join(cfg.model.condition)}) conditions "
+            "MIDI models only so far: leave model.condition empty"
+        )
     return UpsamplerTask(cfg, data_dir, meta) if cfg.model.arch == "upsampler" else TokenTask(cfg, data_dir)
 
 
