@@ -138,15 +138,17 @@ def test_continuing_a_prompt_keeps_it(run_dir, tmp_path, capsys):
 def test_long_prompts_are_trimmed_and_seconds_taken_from_the_end(tmp_path):
     notes = [(i * 100, i * 100 + 50, 60 + i % 12, 80) for i in range(200)]  # 20 s, ~800 tokens
     path = write_midi(tmp_path / "long.mid", notes)
-    ids, notes_out = prompt_tokens(TOK, path, context=64)
+    ids, notes_out, _ = prompt_tokens(TOK, path, context=64)
     assert len(ids) == 64 and ids[0] != BOS and "trimmed to its last 64 tokens" in notes_out[0]
-    ids, _ = prompt_tokens(TOK, path, context=10_000, last_tokens=100)
+    ids, _, _ = prompt_tokens(TOK, path, context=10_000, last_tokens=100)
     assert len(ids) == 100
-    ids, notes_out = prompt_tokens(TOK, path, context=10_000, last_seconds=2.0)
+    ids, notes_out, start = prompt_tokens(TOK, path, context=10_000, last_seconds=2.0)
     steps = time_steps(ids)
     assert 195 <= steps <= 200 and "last 2 s" in notes_out[0]
-    full, _ = prompt_tokens(TOK, path, context=10_000)
+    full, _, whole_start = prompt_tokens(TOK, path, context=10_000)
     assert full[0] == BOS and len(full) == len(TOK.encode(path)) + 1
+    # Where the kept part starts in its piece: what conditioning on timing is told.
+    assert whole_start == 0.0 and start == pytest.approx((time_steps(full) - steps) / 100)
 
 
 def test_length_in_seconds(run_dir, tmp_path):

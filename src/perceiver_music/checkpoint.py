@@ -249,20 +249,29 @@ def set_aside(ckpt: Path) -> Path:
     return target
 
 
+def read_trainer(ckpt: Path) -> dict:
+    """A training checkpoint's trainer.json (step, optimizer settings), or a CheckpointError."""
+    trainer_file = ckpt / "trainer.json"
+    try:
+        trainer = json.loads(trainer_file.read_text())
+        step = int(trainer["step"])
+        if "optimizer" not in trainer:
+            raise KeyError("optimizer")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{trainer_file}: damaged ({type(e).__name__}: {e})") from None
+    if step < 0:
+        raise CheckpointError(f"{trainer_file}: damaged (step {step})")
+    return trainer
+
+
 def read_training_state(ckpt: Path, model, optimizer, rank: int) -> dict:
     """Restore model, optimizer and this process's RNG; return trainer.json.
 
     Every file is read and checked before anything is restored (CheckpointError: which file,
     what is wrong); the caller may then try an older checkpoint, which restores everything.
     """
-    trainer_file = ckpt / "trainer.json"
-    try:
-        trainer = json.loads(trainer_file.read_text())
-        step, optimizer_rest = int(trainer["step"]), trainer["optimizer"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{trainer_file}: damaged ({type(e).__name__}: {e})") from None
-    if step < 0:
-        raise CheckpointError(f"{trainer_file}: damaged (step {step})")
+    trainer = read_trainer(ckpt)
+    optimizer_rest = trainer["optimizer"]
     weights_file = ckpt / "model.safetensors"
     weights = load_tensors(weights_file)
     _check_fit(model, weights, weights_file, ckpt / "config.json")
@@ -298,12 +307,8 @@ def read_branch_state(ckpt: Path, model, optimizer, names: list[str], rank: int)
     every tensor of the checkpoint is loaded, the model's new ones keep their initialisation,
     the optimizer state follows each parameter by name. names: the model's parameters in the
     optimizer's order. Returns trainer.json."""
-    trainer_file = ckpt / "trainer.json"
-    try:
-        trainer = json.loads(trainer_file.read_text())
-        optimizer_rest = trainer["optimizer"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{trainer_file}: damaged ({type(e).__name__}: {e})") from None
+    trainer = read_trainer(ckpt)
+    optimizer_rest = trainer["optimizer"]
     weights_file = ckpt / "model.safetensors"
     weights = load_tensors(weights_file)
     expected = model.state_dict()

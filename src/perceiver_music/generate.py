@@ -56,11 +56,12 @@ def prompt_tokens(
     context: int,
     last_tokens: int | None = None,
     last_seconds: float | None = None,
-) -> tuple[np.ndarray, list[str]]:
-    """The prompt as token ids (BOS first when the whole piece fits) and notes for the user."""
+) -> tuple[np.ndarray, list[str], float]:
+    """The prompt as token ids (BOS first when the whole piece fits), notes for the user, and
+    the seconds of the piece before the kept part (0 when it is kept whole)."""
     notes: list[str] = []
     if midi is None:
-        return np.array([BOS]), notes
+        return np.array([BOS]), notes, 0.0
     events = tok.encode(midi).astype(np.int64)  # MidiError names the file and the problem
     if len(events) == 0:
         raise MidiError(midi, "the prompt has no notes")
@@ -79,7 +80,8 @@ def prompt_tokens(
     if len(ids) > context:
         ids = ids[-context:]
         notes.append(f"prompt: longer than the model's context; trimmed to its last {context} tokens")
-    return ids, notes
+    cut_steps = int(tok.vocab.shift_steps(events).sum() - tok.vocab.shift_steps(ids).sum())
+    return ids, notes, cut_steps / tok.cfg.steps_per_second
 
 
 STYLE_WINDOWS = 8  # a reference's style: the mean over this many evenly spaced windows of it
@@ -182,7 +184,7 @@ def generate_midi(
             f"--refill must be at most the model's num_latents ({cfg.model.num_latents}), got {refill}"
         )
     tok = PerformanceTokenizer(cfg.tokenizer)
-    ids, notes = prompt_tokens(tok, prompt, cfg.model.max_len, prompt_tokens_last, prompt_seconds_last)
+    ids, notes, start = prompt_tokens(tok, prompt, cfg.model.max_len, prompt_tokens_last, prompt_seconds_last)
     sps = tok.cfg.steps_per_second
     prompt_steps = int(tok.vocab.shift_steps(ids).sum())
     timed = m.conditioned_on("timing") and seconds is not None
@@ -193,9 +195,6 @@ def generate_midi(
     time_steps = None if seconds is None else int(round(limit * sps))
     conditions = None
     if m.condition:
-        start = 0.0
-        if prompt is not None:  # a prompt cut from a piece starts that far into it
-            start = (int(tok.vocab.shift_steps(tok.encode(prompt)).sum()) - prompt_steps) / sps
         style_vec = None
         if style is not None:
             style_vec = (
@@ -208,7 +207,7 @@ def generate_midi(
             total_seconds=start + prompt_steps / sps + seconds if timed else 0.0,
             style=style_vec,
             guidance=guidance,
-            start_seconds=start,
+            start_seconds=start,  # a prompt cut from a piece starts that far into it
             tokenizer=cfg.tokenizer,
         )
 
@@ -267,7 +266,7 @@ def generate_midi(
         out, files, len(ids), lengths, durations, generated / max(elapsed, 1e-9), notes, stopped=stopped,
         warnings=warnings,
     )  # fmt: skip
-    prompt_end = float(tok.vocab.shift_steps(ids).sum()) / tok.cfg.steps_per_second if prompt else None
+    prompt_end = prompt_steps / sps if prompt else None
     if render:
         result.rendered = _render(files, prompt_end, audio_format, soundfont, notes)
     settings = {

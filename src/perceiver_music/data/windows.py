@@ -60,6 +60,12 @@ class TokenData:
                 counts[label] = counts.get(label, 0) + 1
         return sorted(counts, key=lambda name: (-counts[name], name))
 
+    def label_ids(self, labels: list[str]) -> list[int]:
+        """Each piece's label as a model with these label names numbers it: 1 + its index,
+        0 for a piece without a label or with one the model does not know."""
+        ids = {name: i + 1 for i, name in enumerate(labels)}
+        return [ids.get(label, 0) if label is not None else 0 for label in self.labels]
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -127,8 +133,7 @@ class WindowDataset:
         self.data, self.cfg, self.train, self.seed = data, cfg, train, seed
         self.conditions = conditions
         if conditions is not None:
-            ids = {name: i + 1 for i, name in enumerate(conditions.labels)}
-            self._label_ids = [ids.get(label, 0) if label is not None else 0 for label in data.labels]
+            self._label_ids = data.label_ids(conditions.labels)
             self._total_steps: dict[int, int] = {}
         self.max_len, self.num_latents = max_len, num_latents
         self.vocab = Vocab(data.tokenizer)

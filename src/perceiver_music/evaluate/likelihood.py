@@ -129,9 +129,9 @@ def evaluate_likelihood(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config = load_model(ckpt, device)
     m = config.model
-    label_ids = {name: i + 1 for i, name in enumerate(m.labels)}
     data = TokenData(data_dir, split)
     vocab = Vocab(data.tokenizer)
+    label_ids = data.label_ids(m.labels)
     if len(data) == 0:
         raise ValueError(f"{data_dir}: the {split} split has no pieces")
     max_len = config.model.max_len
@@ -162,7 +162,7 @@ def evaluate_likelihood(
             cond["elapsed"] = seconds
             cond["total"] = float(seconds[-1]) if told else 0.0
         if told and m.conditioned_on("label"):
-            cond["label"] = label_ids.get(data.labels[i], 0) if data.labels[i] else 0
+            cond["label"] = label_ids[i]
         with condition(i):
             nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device, **cond)
         which = np.searchsorted(np.array(buckets), np.arange(1, len(tokens)), side="right")

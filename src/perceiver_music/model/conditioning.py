@@ -45,11 +45,7 @@ class Cond:
     elapsed: Tensor | None = None  # [B, L] float seconds through each position's token
     reference: Tensor | None = None  # [B, R] reference tokens for the style encoder (PAD: none)
     style: Tensor | None = None  # [B, S] style vectors, instead of a reference (generation)
-    has_style: Tensor | None = None  # [B] bool: rows whose style (reference or vector) is real
-
-    def last(self, n: int) -> Cond:
-        """The same with `elapsed` cut to its last n positions."""
-        return self if self.elapsed is None else replace(self, elapsed=self.elapsed[:, -n:])
+    has_style: Tensor | None = None  # [B] bool: rows whose `style` vector is real (None: all)
 
     def with_elapsed(self, elapsed: Tensor) -> Cond:
         return replace(self, elapsed=elapsed)
@@ -132,23 +128,18 @@ class Conditioner(nn.Module):
                     p.zero_()
 
     def style_vectors(self, cond: Cond, batch: int, device) -> tuple[Tensor, Tensor]:
-        """(vectors [B, S], present [B] bool) from the reference tokens or the given vectors."""
+        """(vectors [B, S], present [B] bool) from the given vectors or the reference tokens
+        (a row whose reference is all PAD has none)."""
         if cond.style is not None:
-            vectors = cond.style
-        elif cond.reference is not None:
-            vectors = self.style_encoder(cond.reference)
-        else:
-            return torch.zeros(batch, self.cfg.style_width, device=device), torch.zeros(
+            present = cond.has_style
+            return cond.style, present if present is not None else torch.ones(
                 batch, dtype=torch.bool, device=device
             )
-        present = cond.has_style
-        if present is None:
-            present = (
-                (cond.reference != PAD).any(-1)
-                if cond.style is None
-                else torch.ones(batch, dtype=torch.bool, device=device)
-            )
-        return vectors, present
+        if cond.reference is not None:
+            return self.style_encoder(cond.reference), (cond.reference != PAD).any(-1)
+        return torch.zeros(batch, self.cfg.style_width, device=device), torch.zeros(
+            batch, dtype=torch.bool, device=device
+        )
 
     def forward(self, cond: Cond | None, batch: int, length: int, device) -> Tensor:
         """[B, T, D] for T = length positions whose elapsed times are cond.elapsed[:, -T:]."""
