@@ -41,26 +41,31 @@ THREADS = 2
 
 
 def calibrate(data: Path, run: Path, minutes: float, extra: list[str]) -> int:
-    """The steps vqvae_tiny takes in about `minutes` here, from timing a few."""
+    """The steps vqvae_tiny takes in about `minutes` here, timed over steps 10-40 of a probe
+    run with the main run's threads (start-up and the first steps' warm-up left out)."""
     from perceiver_music.config import load_config
     from perceiver_music.train import train
 
     probe = run.with_name(run.name + "_probe")
     shutil.rmtree(probe, ignore_errors=True)
     cfg = load_config(
-        "vqvae_tiny", [*extra, "train.steps=4", "train.eval_every=1000", "train.ckpt_every=1000"]
+        "vqvae_tiny",
+        [
+            *extra,
+            "train.steps=40",
+            "train.log_every=5",
+            "train.eval_every=1000",
+            "train.ckpt_every=1000",
+            f"train.threads={THREADS}",
+        ],
     )
-    t0 = time.perf_counter()
     train(cfg, data, probe, progress=False)
     rows = [json.loads(line) for line in (probe / "log.jsonl").read_text().splitlines()]
     shutil.rmtree(probe, ignore_errors=True)
-    per_step = max(time.perf_counter() - t0, 1e-3) / 4
-    train_rows = [r for r in rows if r["kind"] == "train" and r["step"] > 1]
-    if len(train_rows) >= 2:  # the first step pays for start-up
-        per_step = (train_rows[-1]["elapsed_s"] - train_rows[0]["elapsed_s"]) / (
-            train_rows[-1]["step"] - train_rows[0]["step"]
-        )
-    return max(2, int(minutes * 60 / per_step))
+    timed = {r["step"]: r["elapsed_s"] for r in rows if r["kind"] == "train"}
+    per_step = (timed[40] - timed[10]) / 30
+    # The main run also validates six times and writes checkpoints: about 5 % more.
+    return max(2, int(minutes * 60 / (per_step * 1.05)))
 
 
 def train_for(data: Path, run: Path, steps: int, extra: list[str]) -> dict:
