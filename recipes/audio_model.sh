@@ -2,7 +2,8 @@
 # The audio model end to end: ASAP rendered to piano audio -> prepare-audio -> the codec
 # (vqvae_tiny) -> prepare-codes -> the top prior (prior_tiny, level 1) and the upsampler
 # (upsampler_tiny, level 0) -> a PRIORS_DIR -> 20 s generated, and 10 s continuing a held-out
-# recording.
+# recording; both transcribed back to notes (basic-pitch) and scored by the metric suite
+# against the MIDI of ASAP's test audio.
 #
 #   bash recipes/audio_model.sh                     # LIMIT=60 performances (~5 h of audio)
 #   LIMIT=8 PRIOR_STEPS=200 UP_STEPS=200 bash recipes/audio_model.sh   # a quick pass
@@ -13,7 +14,8 @@
 #
 #   1. render + prepare-audio   recipes/render_asap_audio.sh: 4.6x real time, about 1 h for
 #                               LIMIT=60 (measured there)
-#   2. codec                    vqvae_tiny, 800 steps: about 30 minutes (the preset's budget)
+#   2. codec                    vqvae_tiny, 9000 steps: about 28 minutes (measured by
+#                               bench/codec.py: 0.184 s a step on the idle 2-core CPU)
 #   3. prepare-codes            both levels; the tiny codec encodes at tens of times real time:
 #                               minutes for a few hours of audio
 #   4. top prior                prior_tiny, PRIOR_STEPS=4000 steps of 8 windows x 256 targets:
@@ -31,7 +33,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-data/asap_audio}
 RUNS=${RUNS:-runs/audio}
 LIMIT=${LIMIT:-60}
-CODEC_STEPS=${CODEC_STEPS:-800}
+CODEC_STEPS=${CODEC_STEPS:-9000}
 PRIOR_STEPS=${PRIOR_STEPS:-4000}
 UP_STEPS=${UP_STEPS:-1000}
 SECONDS_OUT=${SECONDS_OUT:-20}
@@ -87,3 +89,25 @@ sf.write(sys.argv[2], audio[: 10 * sr], sr, subtype="PCM_16")
 PY
 perceiver-music generate --ckpt "$RUNS/priors" --prompt "$RUNS/prompt.wav" --seconds 10 --out "$RUNS/continued"
 echo "generated: $RUNS/generated/sample_00.wav, continued: $RUNS/continued/sample_00.wav (spectrograms beside them)"
+
+stage "7. the generated audio transcribed (basic-pitch) and scored by the metric suite against ASAP test"
+# The transcriber's own error on rendered ASAP is the floor of this figure: bench/transcribe.py.
+perceiver-music transcribe "$RUNS/generated"/*.wav "$RUNS/continued"/*.wav --out "$RUNS/transcribed"
+# The reference: the MIDI the test split's audio was rendered from.
+ref=$(python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+test = [p["path"] for p in json.loads((out / "data" / "meta.json").read_text())["pieces"] if p["split"] == "test"]
+ref = out / "test_midi"
+ref.mkdir(exist_ok=True)
+for rel in test:
+    src = (out / "midi" / rel).with_suffix(".mid")
+    dst = ref / src.name
+    if not dst.exists():
+        dst.symlink_to(src.resolve())
+print(ref)
+PY
+)
+perceiver-music evaluate --generated "$RUNS/transcribed" --reference "$ref" --out "$RUNS/eval_transcribed"
+echo "metric suite of the transcribed audio: $RUNS/eval_transcribed/table.md"

@@ -33,7 +33,8 @@ if [ ! -f "$stamp" ]; then
     # torch first, pinned: on CPU machines this version comes from a local wheel, and any other
     # version would pull gigabytes of CUDA packages. pyproject's range admits it.
     quiet_pip "torch==2.13.0"
-    quiet_pip -e ".[dev,audio,studio]"
+    quiet_pip -e ".[dev,audio,studio,transcribe]"
+    quiet_pip --no-deps "basic-pitch==0.4.0"  # see the transcribe extra in pyproject.toml
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -281,6 +281,8 @@ def test_generate_with_composer_style_guidance_and_a_length(conditioned_run, lab
     assert settings["total_seconds_told"] == pytest.approx(3.0)
     # Told 3 s, a timing-conditioned piece may run on (up to 1.25 x) to reach its ending.
     assert all(s <= 3.0 * 1.25 + 5.5 for s in result.seconds)
+    # Its own stop reason: ran to the ending's limit without ending, not "reached --seconds".
+    assert set(result.stopped) <= {"eos", "grace"} and settings["stopped"] == result.stopped
     mixed = generate_midi(
         conditioned_run, tmp_path / "mix", tokens=20, style=0.5 * a + 0.5 * b, render=False, progress=False
     )

@@ -233,6 +233,23 @@ def _evaluate_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from perceiver_music.audio.transcribe import TranscribeError, TranscribeSettings, transcribe_files
+
+    try:
+        settings = TranscribeSettings(args.onset_threshold, args.frame_threshold, args.min_note_ms)
+        done, failed = transcribe_files(args.paths, args.out, settings)
+    except (TranscribeError, ValueError) as e:
+        return _fail(str(e))
+    for t in done:
+        print(f"{t.path}: {t.notes} notes from {t.seconds:.1f} s of audio")
+    for path, reason in failed:
+        print(f"{path}: {reason}", file=sys.stderr)
+    if not done:
+        return _fail("nothing was transcribed")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from perceiver_music.config import ConfigError, load_config
 
@@ -364,7 +381,7 @@ def _generate_audio(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from perceiver_music.generate_settings import check_generate
+    from perceiver_music.generate_settings import ENDING_GRACE, check_generate
 
     if args.ckpt is not None and (Path(args.ckpt) / "priors.json").is_file():  # audio.generate.PRIORS_FILE
         return _generate_audio(args)
@@ -446,6 +463,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     ended = {"eos": "stopped at EOS", "seconds": f"reached --seconds {args.seconds or 0:g}"}
+    ended["grace"] = f"ran to {(args.seconds or 0) * ENDING_GRACE:g} s, the ending's limit, without ending"
     ended["tokens"] = "reached --tokens" if args.seconds is None else "cut at the safety cap"
     for path, n, secs, why in zip(result.midi_files, result.generated_tokens, result.seconds, result.stopped):
         print(f"{path}: {n} new tokens, {secs:.1f} s of music ({ended[why]})")
@@ -909,6 +927,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-seconds", type=float, default=5.0, help="codec: seconds per clip (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "transcribe",
+        help="audio recordings to MIDI notes (basic-pitch; needs the transcribe extra)",
+        description="Transcribe audio files (WAV, FLAC, OGG, MP3) to OUT/<name>.mid with basic-pitch's "
+        "note model run by onnxruntime, e.g. to continue a recording with `generate --prompt`. "
+        "Bad files are reported; the others still run.",
+    )
+    p.add_argument("paths", nargs="+", metavar="AUDIO")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--onset-threshold", type=float, default=0.5, help="0-1, default 0.5")
+    p.add_argument("--frame-threshold", type=float, default=0.3, help="0-1, default 0.3")
+    p.add_argument("--min-note-ms", type=float, default=127.7, help="drop shorter notes (default 127.7)")
+    p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser(
         "render",

@@ -45,7 +45,9 @@ class GenerateResult:
     seconds: list[float]  # length of each piece (prompt included)
     tokens_per_s: float
     notes: list[str] = field(default_factory=list)
-    stopped: list[str] = field(default_factory=list)  # why each piece ended: "eos", "seconds", "tokens"
+    # why each piece ended: "eos", "seconds", "tokens", or "grace" (a timing-conditioned model
+    # that ran to ENDING_GRACE x --seconds without ending)
+    stopped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. a piece cut by the safety cap
     rendered: list[Path] = field(default_factory=list)  # PNG and audio files
 
@@ -149,7 +151,7 @@ def generate_midi(
     tokens: how many tokens to generate (default 1024 when neither tokens nor seconds is given);
     seconds: stop a piece once its continuation lasts this long; tokens then only caps it,
     by default at generate_settings.token_cap(seconds), and a piece cut there is a warning.
-    Each piece's `stopped` says why it ended: "eos", "seconds" or "tokens".
+    Each piece's `stopped` says why it ended: "eos", "seconds", "tokens" or "grace".
     sampling: temperature, top-k/p, min-p, and the keyboard mask (`SamplingConfig.keyboard`,
     on by default: no NOTE_OFF of a silent pitch, no NOTE_ON of a sounding one).
     precision: "fp32", "bf16" or "auto" (bf16 on GPU, fp32 on CPU); see `sample.generate`.
@@ -251,7 +253,7 @@ def generate_midi(
         if len(new) and new[-1] == EOS:
             stopped.append("eos")
         elif time_steps is not None and new_steps >= time_steps:
-            stopped.append("seconds")
+            stopped.append("grace" if timed else "seconds")
         else:
             stopped.append("tokens")
             if capped:

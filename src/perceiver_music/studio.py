@@ -380,7 +380,12 @@ def _results(studio: Studio, job: Job, on_progress) -> list:
         result = studio.generate(job, on_progress)
     except (UploadError, ValueError, MidiError, CheckpointError, FileNotFoundError) as e:
         raise gr.Error(str(e), print_exception=False) from None
-    why = {"eos": "ended itself", "seconds": "reached the length", "tokens": "cut at the safety cap"}
+    why = {
+        "eos": "ended itself",
+        "seconds": "reached the length",
+        "tokens": "cut at the safety cap",
+        "grace": "ran past the length without ending",
+    }
     lines = [
         f"**{len(result.midi_files)} variation(s)** in {time.perf_counter() - t0:.1f} s "
         f"({result.tokens_per_s:.0f} tokens/s), written to `{result.out_dir}`."
