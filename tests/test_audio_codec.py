@@ -16,7 +16,7 @@ from perceiver_music.audio.codec import CodecRun
 from perceiver_music.audio.data import prepare_audio
 from perceiver_music.audio.metrics import codebook_usage, mel_distance, si_sdr, spectral_convergence_db
 from perceiver_music.audio.quantize import EMACodebook, VectorQuantizer
-from perceiver_music.audio.vqvae import VQVAE
+from perceiver_music.audio.vqvae import VQVAE, UpsampleConv
 from perceiver_music.cli import main
 from perceiver_music.codec import Codec, CodecError, MidiCodec
 from perceiver_music.config import AudioPrepareConfig, CodecConfig, PrepareConfig, load_config
@@ -162,6 +162,24 @@ def test_vqvae_shapes_hops_and_loss_terms():
         assert model.decode(codes, level).shape == (2, 1024)
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("stride", [3, 4, 8, 32])
+def test_the_decoders_upsampling_is_the_transposed_convolution(stride):
+    torch.manual_seed(stride)
+    up = UpsampleConv(5, 7, stride)
+    x = torch.randn(3, 5, 41, requires_grad=True)
+    want = torch.nn.functional.conv_transpose1d(x, up.weight, up.bias, stride, stride // 2)
+    got = up(x)
+    assert got.shape == want.shape == (3, 7, (41 + 1) * stride - 2 * (stride // 2))  # 41 x stride if even
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, up.weight, up.bias]),
+                    torch.autograd.grad(want.square().sum(), [x, up.weight, up.bias])):  # fmt: skip
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    # the parameters of nn.ConvTranspose1d, under the same names: checkpoints load either way
+    plain = torch.nn.ConvTranspose1d(5, 7, 2 * stride, stride, stride // 2)
+    plain.load_state_dict(up.state_dict())
+    assert torch.allclose(plain(x), got, atol=1e-5)
 
 
 def test_decoder_dilations_are_the_encoders_reversed():
