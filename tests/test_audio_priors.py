@@ -4,6 +4,7 @@ codebook mask, exact cached sampling on codes, and audio generation from a PRIOR
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,39 @@ def test_prepare_codes_writes_every_level_as_token_data(work):
     # Level 0 has 4 frames per level-1 frame (hops 4 and 16), piece by piece.
     lower, upper = (TokenData(level_dir(work["codes"], lv), "train") for lv in (0, 1))
     assert all(lower.index[i, 1] - 2 == 4 * (upper.index[i, 1] - 2) for i in range(len(lower)))
+
+
+def test_prepare_codes_reuses_unchanged_files_and_recodes_changed_ones(work, tmp_path):
+    shutil.copytree(work["wav"], tmp_path / "wav")
+    split = PrepareConfig(valid_fraction=0.3, test_fraction=0.2)
+    prepare_audio(
+        tmp_path / "wav", tmp_path / "data", AudioPrepareConfig(sample_rate=SR), split, progress=False
+    )
+    run = CodecRun.load(work["codec"])
+    first = prepare_codes(tmp_path / "data", run, tmp_path / "codes", progress=False)
+    assert first.reused == 0
+    again = prepare_codes(tmp_path / "data", run, tmp_path / "codes", progress=False)
+    assert again.reused == 5 and "reused 5" in again.summary()
+    for level in (0, 1):
+        for s in ("train", "valid", "test"):
+            a, b = (np.load(level_dir(d, level) / f"{s}.npy") for d in (work["codes"], tmp_path / "codes"))
+            assert np.array_equal(a, b)
+    # One recording changed: it alone is coded again, and its new codes are the ones kept.
+    sf.write(tmp_path / "wav" / "p2.wav", tones(1.5, seed=99), SR, subtype="PCM_16")
+    prepare_audio(
+        tmp_path / "wav", tmp_path / "data", AudioPrepareConfig(sample_rate=SR), split, progress=False
+    )
+    changed = prepare_codes(tmp_path / "data", run, tmp_path / "codes", progress=False)
+    assert changed.reused == 4
+    for s in ("train", "valid", "test"):
+        data, audio = TokenData(level_dir(tmp_path / "codes", 0), s), AudioData(tmp_path / "data", s)
+        for i, path in enumerate(data.paths):
+            want = run.encode_array(audio.clip(i))[0][0] + FIRST_CODE
+            assert np.array_equal(np.asarray(data.piece(i), np.int64)[1:-1], want), path
+    # Another codec's folder is never reused from.
+    other = _codec(tmp_path / "data", tmp_path / "codec2", "train.seed=7")
+    fresh = prepare_codes(tmp_path / "data", CodecRun.load(other), tmp_path / "codes", progress=False)
+    assert fresh.reused == 0
 
 
 def test_prepare_codes_flattens_residual_codebooks_into_their_own_id_ranges(work, tmp_path):

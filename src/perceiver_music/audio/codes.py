@@ -84,10 +84,13 @@ class CodesPrepareResult:
     seconds: float
     elapsed: float
     notes: list[str] = field(default_factory=list)
+    reused: int = 0  # files whose codes a previous run had written (same audio, same codec)
 
     def summary(self) -> str:
+        total = sum(self.files.values())
+        done = f"Encoded {total - self.reused} files" + (f" (reused {self.reused})" if self.reused else "")
         lines = [
-            f"Encoded {sum(self.files.values())} files ({self.seconds / 3600:.2f} h) at levels "
+            f"{done} ({self.seconds / 3600:.2f} h) at levels "
             f"{', '.join(map(str, self.levels))} into {self.out_dir} in {self.elapsed:.1f} s:",
             f"  {'split':<6} {'files':>7} "
             + " ".join(f"{'level ' + str(lv) + ' frames':>16}" for lv in self.levels),
@@ -139,24 +142,35 @@ def prepare_codes(
         progress = sys.stderr.isatty()
 
     K, C = run.cfg.codebooks, run.cfg.l_bins
+    previous = {lv: _previous_codes(level_dir(out, lv), run.digest, lv) for lv in levels}
+    reused = 0
     chunks: dict[int, dict[str, list[np.ndarray]]] = {lv: {s: [] for s in SPLITS} for lv in levels}
     offsets = {lv: dict.fromkeys(SPLITS, 0) for lv in levels}
     pieces: dict[int, list[dict]] = {lv: [] for lv in levels}
     work = [(s, i, path) for s in SPLITS for i, path in enumerate(splits[s].paths)]
     info = {p["path"]: p for p in meta["pieces"]}
     for s, i, path in progress_files(work, len(work), progress, "prepare-codes"):
-        codes = run.encode_array(splits[s].clip(i))
-        for lv in levels:
-            ids = np.concatenate([[BOS], ids_of(codes[lv], C), [EOS]]).astype(np.uint16)
+        stamp = info[path].get("stamp")
+        old = [previous[lv].get(path) for lv in levels]
+        if stamp is not None and all(o is not None and o[0] == stamp for o in old):
+            per_level = [o[1] for o in old]  # the same audio, coded by the same weights
+            reused += 1
+        else:
+            codes = run.encode_array(splits[s].clip(i))
+            per_level = [
+                np.concatenate([[BOS], ids_of(codes[lv], C), [EOS]]).astype(np.uint16) for lv in levels
+            ]
+        for lv, ids in zip(levels, per_level):
             pieces[lv].append(
                 {
                     "path": path,
                     "split": s,
                     "offset": offsets[lv][s],
                     "length": len(ids),
-                    "frames": int(codes[lv].shape[1]),
+                    "frames": (len(ids) - 2) // K,
                     "seconds": info[path]["seconds"],
                     "label": info[path].get("label"),
+                    "stamp": stamp,  # the audio's, from prepare-audio: a re-run reuses unchanged files
                 }
             )
             chunks[lv][s].append(ids)
@@ -216,7 +230,27 @@ def prepare_codes(
         float(sum(p["seconds"] for p in meta["pieces"])),
         time.perf_counter() - t0,
         notes,
+        reused,
     )
+
+
+def _previous_codes(folder: Path, weights: str, level: int) -> dict[str, tuple[list, np.ndarray]]:
+    """path -> (audio stamp, ids) of a level folder an earlier run wrote with the same codec
+    weights; empty when there is none, it is another codec's, or it cannot be read."""
+    meta = codes_meta(folder)
+    if meta is None or meta["codec"].get("weights") != weights or meta["codec"].get("level") != level:
+        return {}
+    out = {}
+    try:
+        arrays = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+        for p in meta["pieces"]:
+            if p.get("stamp") is not None:
+                ids = np.array(arrays[p["split"]][p["offset"] : p["offset"] + p["length"]])
+                if len(ids) == p["length"] and len(ids) >= 2 and ids[0] == BOS and ids[-1] == EOS:
+                    out[p["path"]] = (p["stamp"], ids)
+    except (OSError, ValueError, KeyError):
+        return {}  # damaged: everything is encoded again
+    return out
 
 
 def strides_between(codec_cfg, level: int) -> list[int]:
