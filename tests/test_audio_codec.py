@@ -105,6 +105,15 @@ def test_a_dead_code_is_restarted_onto_an_encoder_output_only_with_restarts_on()
         assert book.k_elem[3] < 1.0
 
 
+def test_nearest_is_the_code_at_the_least_euclidean_distance():
+    g = torch.Generator().manual_seed(0)
+    book = EMACodebook(64, 8)
+    book.codebook.copy_(torch.randn(64, 8, generator=g))
+    x = 3 * torch.randn(500, 8, generator=g)
+    assert torch.equal(book.nearest(x), torch.cdist(x, book.codebook).argmin(1))
+    assert torch.equal(book.nearest(book.codebook[[5, 9, 63]] + 1e-3), torch.tensor([5, 9, 63]))
+
+
 def test_usage_counts_live_codes():
     book = EMACodebook(8, 2)
     book.initialize(torch.randn(8, 2))
