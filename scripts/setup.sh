@@ -33,8 +33,10 @@ if [ ! -f "$stamp" ]; then
     # torch first, pinned: on CPU machines this version comes from a local wheel, and any other
     # version would pull gigabytes of CUDA packages. pyproject's range admits it.
     quiet_pip "torch==2.13.0"
-    quiet_pip -e ".[dev,audio,studio,transcribe]"
-    quiet_pip --no-deps "basic-pitch==0.4.0"  # see the transcribe extra in pyproject.toml
+    # --no-warn-conflicts: basic-pitch, once installed, always "conflicts" (its metadata asks for
+    # tensorflow, which its ONNX model does not use; see the transcribe extra in pyproject.toml).
+    quiet_pip --no-warn-conflicts -e ".[dev,audio,studio,transcribe]"
+    quiet_pip --no-deps "basic-pitch==0.4.0"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
