@@ -46,12 +46,18 @@ def test_rendered_notes_come_back_at_their_pitch_and_onset(rendered, tmp_path):
 
 @needs_basic_pitch
 def test_bad_files_are_reported_and_the_good_one_still_transcribed(rendered, tmp_path, capsys):
+    import soundfile as sf
+
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "text.wav").write_text("not audio at all")
+    x, sr = sf.read(rendered)
+    sf.write(tmp_path / "whole.flac", x, sr)
+    (tmp_path / "cut.flac").write_bytes((tmp_path / "whole.flac").read_bytes()[:20_000])  # cut mid-stream
     out = tmp_path / "out"
     code = main(
         [
             "transcribe",
+            str(tmp_path / "cut.flac"),
             str(tmp_path / "empty.wav"),
             str(tmp_path / "text.wav"),
             str(rendered),
@@ -63,6 +69,7 @@ def test_bad_files_are_reported_and_the_good_one_still_transcribed(rendered, tmp
     assert code == 0
     assert "empty.wav: empty file (0 bytes)" in captured.err
     assert "text.wav: not audio that libsndfile can read" in captured.err
+    assert "cut.flac: unreadable after" in captured.err and "Traceback" not in captured.err
     assert (out / "line.mid").is_file() and not (out / "text.mid").exists()
     assert "line.mid" in captured.out and "notes from" in captured.out
 

@@ -18,10 +18,11 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from perceiver_music.audio.data import AudioError, audio_info
+from perceiver_music.audio.data import AudioError, read_audio
 
 INSTALL = 'pip install -e ".[transcribe]" && pip install --no-deps basic-pitch==0.4.0'
 
@@ -77,17 +78,25 @@ class Transcriber:
 
     def __call__(self, audio: str | os.PathLike, out: str | os.PathLike) -> Transcription:
         """Transcribe one audio file to the MIDI file `out`. AudioError names a bad input."""
+        import soundfile as sf
         from basic_pitch.constants import AUDIO_SAMPLE_RATE, FFT_HOP
         from basic_pitch.inference import run_inference
         from basic_pitch.note_creation import model_output_to_notes
         from symusic import Note, Score, Tempo, Track
 
         audio = Path(audio)
-        info = audio_info(audio)  # AudioError: missing, empty, not audio, no frames
+        # Our reader, not librosa's: it names a truncated or undecodable file (AudioError)
+        # where librosa falls back to audioread and fails with NoBackendError. basic-pitch
+        # reads the result, already mono at its rate, from a temporary WAV.
+        samples = read_audio(audio, AUDIO_SAMPLE_RATE)
+        if len(samples) == 0:
+            raise AudioError(audio, "no audio frames")
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "audio.wav"
+            sf.write(str(wav), samples, AUDIO_SAMPLE_RATE, subtype="FLOAT")
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file
+                output = run_inference(wav, self._model)
         s = self.settings
-        # run_inference prints a progress line per file; the CLI prints its own.
-        with contextlib.redirect_stdout(io.StringIO()):
-            output = run_inference(audio, self._model)
         _, events = model_output_to_notes(
             output,
             onset_thresh=s.onset_threshold,
@@ -107,7 +116,7 @@ class Transcriber:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         score.dump_midi(str(out))
-        return Transcription(out, len(track.notes), info.frames / info.samplerate)
+        return Transcription(out, len(track.notes), len(samples) / AUDIO_SAMPLE_RATE)
 
 
 def transcribe_files(
