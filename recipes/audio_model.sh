@@ -7,6 +7,7 @@
 #
 #   bash recipes/audio_model.sh                     # LIMIT=60 performances (~5 h of audio)
 #   LIMIT=8 PRIOR_STEPS=200 UP_STEPS=200 bash recipes/audio_model.sh   # a quick pass
+#   CODEC=runs/codec_bench/tiny bash recipes/audio_model.sh            # a codec trained already
 #
 # Every stage skips what is already done (a run that finished says so; --resume continues a
 # killed one), so the recipe can be re-run after an interruption. Expected times on 2 CPU
@@ -53,6 +54,9 @@ train_run() {  # CONFIG DATA RUN STEPS: train, or continue a run that exists
 stage "1. render ASAP and prepare the audio (LIMIT=$LIMIT)"
 SETUP=0 OUT="$OUT" LIMIT="$LIMIT" RATE=22050 bash recipes/render_asap_audio.sh
 
+if [ -n "${CODEC:-}" ] && [ ! -e "$RUNS/codec" ]; then  # CODEC=RUN: a codec trained already
+    mkdir -p "$RUNS" && cp -r "$CODEC" "$RUNS/codec"          # (e.g. bench/codec.py --work DIR's DIR/tiny)
+fi
 stage "2. the codec: vqvae_tiny, $CODEC_STEPS steps"
 train_run vqvae_tiny "$OUT/data" "$RUNS/codec" "$CODEC_STEPS"
 
