@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from perceiver_music.checkpoint import load_model
+    from perceiver_music.checkpoint import load_model, trained_steps
     from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
     from perceiver_music.model.base import nll_sum
     from perceiver_music.train import batch_cond, collate
@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             for batch in batches:
                 nll, n = nll_sum(base(batch["inputs"], batch["positions"]), batch["targets"])
                 total, count = total + float(nll), count + int(n)
-            results["unconditioned baseline"] = total / count
-            print(f"{'unconditioned baseline':22s} {results['unconditioned baseline']:.4f} nats/token")
+            steps = trained_steps(args.baseline)  # the budget beside the name: compare like with like
+            label = "unconditioned baseline" + ("" if steps is None else f" ({steps:,} steps)")
+            results[label] = total / count
+            print(f"{label:22s} {results[label]:.4f} nats/token")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

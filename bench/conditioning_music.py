@@ -104,13 +104,15 @@ def cmd_composers(args) -> dict:
 
 
 def cmd_endings(args) -> dict:
+    from perceiver_music.checkpoint import trained_steps
     from perceiver_music.generate import generate_midi
 
     out = Path(args.out)
     rows = {}
     models = {"conditioned (told the length)": args.ckpt}
     if args.baseline:
-        models["unconditioned baseline"] = args.baseline
+        steps = trained_steps(args.baseline)
+        models["unconditioned baseline" + ("" if steps is None else f" ({steps:,} steps)")] = args.baseline
     md = [
         "## Endings: pieces that end (EOS) within +-15 % of the length asked for",
         "",

@@ -302,6 +302,15 @@ def training_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def trained_steps(path: str | os.PathLike) -> int | None:
+    """The optimizer steps behind a training checkpoint or a run's latest one; None for a
+    folder with neither (a bundled model, a `best/`)."""
+    try:
+        return int(read_trainer(training_checkpoint(path))["step"])
+    except CheckpointError:
+        return None
+
+
 def read_branch_state(ckpt: Path, model, optimizer, names: list[str], rank: int) -> dict:
     """Start `model` from another run's checkpoint whose model it extends (conditioning added):
     every tensor of the checkpoint is loaded, the model's new ones keep their initialisation,
