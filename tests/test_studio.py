@@ -102,6 +102,30 @@ def test_uploads_are_checked(tmp_path):
         check_midi_upload(huge)
 
 
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("basic_pitch", "onnxruntime")) or not rendering_available(),
+    reason="needs the transcribe extra and fluidsynth (scripts/setup.sh installs both)",
+)
+def test_a_recording_prompt_is_transcribed_once_and_continued(tiny_run, tmp_path):
+    from perceiver_music.render import render_files
+
+    line = write_midi(tmp_path / "line.mid", [(i * 400, i * 400 + 300, 55 + 3 * i, 90) for i in range(6)])
+    render_files([line], tmp_path / "rec", png=False, sample_rate=22050)
+    recording = tmp_path / "rec" / "line.wav"
+    studio = Studio(model_info(tiny_run / "run"), tmp_path / "out", tiny_run / "run")
+    info, png = studio.preview(recording)
+    assert info.name == "line.wav" and info.notes >= 4 and info.path.suffix == ".mid" and png.is_file()
+    assert info.path.resolve().is_relative_to((tmp_path / "out" / "uploads").resolve())
+    result = studio.generate(Job(prompt=recording, seconds=1, num=1))
+    assert studio.prompt_midi(recording) == info.path  # transcribed once, not at every use
+    job = result.out_dir
+    assert (job / "prompt_line.mid").is_file() and result.prompt_tokens > info.notes
+    bad = tmp_path / "noise.wav"
+    bad.write_text("not a recording")
+    with pytest.raises(UploadError, match=r"noise\.wav: not audio that libsndfile can read"):
+        studio.preview(bad)
+
+
 def test_model_card_bundled_and_run(tiny_run):
     bundled = model_info(None)
     assert bundled.bundled and "CC BY-NC-SA 4.0" in bundled.card

@@ -1,7 +1,7 @@
 """`perceiver-music studio`: generate from a model and listen to it in the browser.
 
-A Gradio page over `generate.generate_midi`: a MIDI prompt (or none) and how much of its end to
-keep, the length, variations and sampling settings, Generate; then each variation's piano roll
+A Gradio page over `generate.generate_midi`: a MIDI prompt (or a recording, transcribed to notes
+when the `transcribe` extra is installed, or none) and how much of its end to keep, the length, variations and sampling settings, Generate; then each variation's piano roll
 (the prompt's end marked), its audio in the page and its MIDI and WAV files, beside the model's
 card. Composer, style file and guidance appear only for a model whose config has them.
 
@@ -28,6 +28,7 @@ from typing import Any
 
 MAX_VARIATIONS = 4  # the page has this many result slots
 MAX_UPLOAD_MB = 10  # the largest ASAP performance is 0.2 MB; MAESTRO's, 1 MB
+MAX_AUDIO_MB = 100  # a recording prompt: about 10 minutes of CD-quality WAV
 MAX_STUDIO_SECONDS = 600  # the length slider's end: ten minutes
 INSTALL_HINT = "pip install 'perceiver-music[studio]'"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -161,6 +162,8 @@ class Studio:
         self.info, self.out, self.ckpt, self.device = info, out.resolve(), ckpt, device
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
+        self._transcriber = None  # loaded at the first recording uploaded
+        self._transcribed: dict[str, Path] = {}  # an uploaded recording -> its notes
 
     def new_folder(self, kind: str, name: str = "") -> Path:
         """out/kind/NNNN[-name]: a fresh folder of the output folder, whatever name is given."""
@@ -170,11 +173,47 @@ class Studio:
         folder.mkdir(parents=True, exist_ok=False)
         return folder
 
+    def prompt_midi(self, upload: str | os.PathLike) -> Path:
+        """The MIDI of an uploaded prompt: itself, or a recording's transcription (made once,
+        under uploads/). UploadError for what cannot be used, naming the file."""
+        from perceiver_music.audio.data import AUDIO_SUFFIXES, AudioError
+
+        path = Path(upload)
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            return path  # check_midi_upload says what is wrong with it, if anything
+        name = safe_name(path.name)
+        size = path.stat().st_size
+        if size > MAX_AUDIO_MB * 2**20:
+            raise UploadError(
+                f"{name}: {size / 2**20:.1f} MB is over the studio's limit of {MAX_AUDIO_MB} MB"
+            )
+        key = str(path.resolve())
+        with self._lock:
+            done = self._transcribed.get(key)
+        if done is not None:
+            return done
+        from perceiver_music.audio.transcribe import TranscribeError, Transcriber
+
+        try:
+            if self._transcriber is None:
+                self._transcriber = Transcriber()
+            midi = self.new_folder("uploads", path.stem) / f"{safe_name(path.stem)}.mid"
+            self._transcriber(path, midi)
+        except TranscribeError as e:
+            raise UploadError(f"{name}: a recording; {e}") from None
+        except AudioError as e:
+            raise UploadError(f"{name}: {e.reason}") from None
+        with self._lock:
+            self._transcribed[key] = midi
+        return midi
+
     def preview(self, upload: str | os.PathLike) -> tuple[PromptInfo, Path]:
-        """Check an uploaded prompt and draw its piano roll; UploadError if it is refused."""
+        """Check an uploaded prompt (a recording is transcribed first) and draw its piano roll;
+        UploadError if it is refused."""
         from perceiver_music.render import piano_roll
 
-        info = check_midi_upload(upload)
+        info = check_midi_upload(self.prompt_midi(upload))
+        info.name = safe_name(Path(upload).name)  # the upload's name, even for a recording
         png = self.new_folder("uploads", Path(info.name).stem) / "prompt.png"
         return info, piano_roll(info.path, png, title=info.name)
 
@@ -193,7 +232,7 @@ class Studio:
         )  # fmt: skip
         if not 1 <= job.num <= MAX_VARIATIONS:
             raise ValueError(f"variations must be 1 to {MAX_VARIATIONS}, got {job.num}")
-        prompt = check_midi_upload(job.prompt) if job.prompt is not None else None
+        prompt = check_midi_upload(self.prompt_midi(job.prompt)) if job.prompt is not None else None
         whole = prompt is None or job.keep_seconds is None or job.keep_seconds >= prompt.seconds
         keep = None if whole else job.keep_seconds
         style = check_midi_upload(job.style) if job.style is not None else None
@@ -259,8 +298,8 @@ def build_app(studio: Studio):
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.File(
-                    label=f"MIDI prompt (optional, up to {MAX_UPLOAD_MB} MB)",
-                    file_types=[".mid", ".midi"],
+                    label=f"prompt (optional): MIDI up to {MAX_UPLOAD_MB} MB, or a recording to transcribe",
+                    file_types=[".mid", ".midi", ".wav", ".flac", ".ogg", ".oga", ".mp3"],
                     elem_id="prompt",
                 )
                 prompt_status = gr.Markdown(
@@ -332,6 +371,8 @@ def build_app(studio: Studio):
                 return f"**Refused:** {e}", gr.update(value=None, visible=False), gr.update(visible=False)
             top = max(1.0, round(p.seconds, 1))
             text = f"**{p.name}**: {p.seconds:.1f} s, {p.notes:,} notes ({p.tokens:,} tokens)."
+            if p.path != Path(upload):
+                text += " Transcribed from the recording; the piece continues these notes."
             return (
                 text,
                 gr.update(value=str(png), visible=True),
