@@ -65,6 +65,12 @@ def safe_name(name: str, limit: int = 80) -> str:
     return cleaned or "file"
 
 
+def _check_size(path: Path, name: str, max_mb: float) -> None:
+    size = path.stat().st_size
+    if size > max_mb * 2**20:
+        raise UploadError(f"{name}: {size / 2**20:.1f} MB is over the studio's limit of {max_mb:g} MB")
+
+
 def check_midi_upload(path: str | os.PathLike, max_mb: float = MAX_UPLOAD_MB) -> PromptInfo:
     """A readable MIDI file with notes, within the size limit; else UploadError naming it."""
     from perceiver_music.data.prepare import MIDI_SUFFIXES
@@ -74,9 +80,7 @@ def check_midi_upload(path: str | os.PathLike, max_mb: float = MAX_UPLOAD_MB) ->
     name = safe_name(path.name)
     if path.suffix.lower() not in MIDI_SUFFIXES:
         raise UploadError(f"{name}: not a MIDI file (expected .mid or .midi)")
-    size = path.stat().st_size
-    if size > max_mb * 2**20:
-        raise UploadError(f"{name}: {size / 2**20:.1f} MB is over the studio's limit of {max_mb:g} MB")
+    _check_size(path, name, max_mb)
     tok = PerformanceTokenizer()
     try:
         events = tok.encode(path)
@@ -182,11 +186,7 @@ class Studio:
         if path.suffix.lower() not in AUDIO_SUFFIXES:
             return path  # check_midi_upload says what is wrong with it, if anything
         name = safe_name(path.name)
-        size = path.stat().st_size
-        if size > MAX_AUDIO_MB * 2**20:
-            raise UploadError(
-                f"{name}: {size / 2**20:.1f} MB is over the studio's limit of {MAX_AUDIO_MB} MB"
-            )
+        _check_size(path, name, MAX_AUDIO_MB)
         key = str(path.resolve())
         with self._lock:
             done = self._transcribed.get(key)
@@ -214,7 +214,10 @@ class Studio:
 
         info = check_midi_upload(self.prompt_midi(upload))
         info.name = safe_name(Path(upload).name)  # the upload's name, even for a recording
-        png = self.new_folder("uploads", Path(info.name).stem) / "prompt.png"
+        # A recording's roll goes beside its transcription, in the folder made for it.
+        transcribed = info.path != Path(upload)
+        folder = info.path.parent if transcribed else self.new_folder("uploads", Path(info.name).stem)
+        png = folder / "prompt.png"
         return info, piano_roll(info.path, png, title=info.name)
 
     def generate(self, job: Job, on_progress=None):
