@@ -61,6 +61,8 @@ def test_bad_files_are_reported_and_the_good_one_still_transcribed(rendered, tmp
             str(tmp_path / "empty.wav"),
             str(tmp_path / "text.wav"),
             str(rendered),
+            str(tmp_path / "whole.flac"),  # line.wav's twin under another name: its own MIDI
+            str(tmp_path / "whole.flac"),  # the same name again: it would overwrite, so refused
             "--out",
             str(out),
         ]
@@ -72,6 +74,8 @@ def test_bad_files_are_reported_and_the_good_one_still_transcribed(rendered, tmp
     assert "cut.flac: unreadable after" in captured.err and "Traceback" not in captured.err
     assert (out / "line.mid").is_file() and not (out / "text.mid").exists()
     assert "line.mid" in captured.out and "notes from" in captured.out
+    assert (out / "whole.mid").is_file()
+    assert "whole.mid is " in captured.err and "transcription already: give it another name" in captured.err
 
 
 @needs_basic_pitch

@@ -122,13 +122,21 @@ class Transcriber:
 def transcribe_files(
     paths: list[str | os.PathLike], out_dir: str | os.PathLike, settings: TranscribeSettings | None = None
 ) -> tuple[list[Transcription], list[tuple[Path, str]]]:
-    """Each audio file to OUT_DIR/<stem>.mid; bad files are reported, the others still run."""
+    """Each audio file to OUT_DIR/<stem>.mid; bad files are reported, the others still run,
+    and a file whose MIDI would overwrite an earlier one's (the same stem) is refused."""
     transcriber = Transcriber(settings)
-    done, failed = [], []
+    done, failed, written = [], [], {}
     for path in paths:
         path = Path(path)
+        target = Path(out_dir) / f"{path.stem}.mid"
+        if target in written:
+            failed.append(
+                (path, f"{target} is {written[target]}'s transcription already: give it another name")
+            )
+            continue
         try:
-            done.append(transcriber(path, Path(out_dir) / f"{path.stem}.mid"))
+            done.append(transcriber(path, target))
+            written[target] = path
         except AudioError as e:
             failed.append((path, e.reason))
     return done, failed
