@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from perceiver_music.checkpoint import load_model, trained_steps
-    from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
+    from perceiver_music.data.windows import TokenData, WindowDataset
     from perceiver_music.model.base import nll_sum
-    from perceiver_music.train import batch_cond, collate
+    from perceiver_music.train import batch_cond, collate, model_inputs, window_conditions
 
     model, cfg = load_model(args.ckpt)
     m = cfg.model
@@ -55,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.ckpt}: not a conditioned model (model.condition is empty)", file=sys.stderr)
         return 2
     data = TokenData(args.data, args.split)
-    conditions = Conditions(
-        labels=list(m.labels) if m.conditioned_on("label") else [],
-        timing=m.conditioned_on("timing"),
-        style_len=m.style_len if m.conditioned_on("style") else 0,
-    )
+    conditions = window_conditions(cfg)  # validation windows drop nothing
     ds = WindowDataset(data, cfg.data, m.max_len, m.num_latents, train=False, conditions=conditions)
     idx = np.unique(np.linspace(0, len(ds) - 1, min(args.windows, len(ds))).astype(int))
     windows = [ds[int(i)] for i in idx]
@@ -112,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             base, _ = load_model(args.baseline)
             total, count = 0.0, 0
             for batch in batches:
-                nll, n = nll_sum(base(batch["inputs"], batch["positions"]), batch["targets"])
+                logits = base(batch["inputs"], batch["positions"], **model_inputs(batch, told=False))
+                nll, n = nll_sum(logits, batch["targets"])
                 total, count = total + float(nll), count + int(n)
             steps = trained_steps(args.baseline)  # the budget beside the name: compare like with like
             label = "unconditioned baseline" + ("" if steps is None else f" ({steps:,} steps)")

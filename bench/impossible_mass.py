@@ -31,14 +31,15 @@ def impossible_mass(ckpt: str, data: str, windows: int, batch: int = 8) -> dict:
     from perceiver_music.checkpoint import load_model
     from perceiver_music.data.windows import TokenData, WindowDataset
     from perceiver_music.tokens.performance import NUM_PITCHES, PAD, Vocab
-    from perceiver_music.train import collate
+    from perceiver_music.train import collate, model_inputs, window_conditions
 
     model, cfg = load_model(ckpt)
     vocab = Vocab(cfg.tokenizer)
     on, off = vocab.note_on, vocab.note_off
     ds = WindowDataset(
-        TokenData(data, "valid"), cfg.data, cfg.model.max_len, cfg.model.num_latents, train=False
-    )
+        TokenData(data, "valid"), cfg.data, cfg.model.max_len, cfg.model.num_latents, train=False,
+        conditions=window_conditions(cfg),
+    )  # fmt: skip
     chosen = np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int)
     N = cfg.model.num_latents
     stray = restrike = nll = 0.0
@@ -47,7 +48,8 @@ def impossible_mass(ckpt: str, data: str, windows: int, batch: int = 8) -> dict:
         ws = [ds[int(i)] for i in chosen[start : start + batch]]
         b = collate(ws)
         with torch.no_grad():
-            logp = model(b["inputs"], b["positions"]).float().log_softmax(-1).numpy()  # [B, N, V]
+            logits = model(b["inputs"], b["positions"], **model_inputs(b, told=False))  # told nothing
+            logp = logits.float().log_softmax(-1).numpy()  # [B, N, V]
         for r, w in enumerate(ws):
             sounding = np.zeros(NUM_PITCHES, np.int64)
             L = len(w.inputs)

@@ -108,6 +108,7 @@ def _conditioning(ev: Path, m: dict) -> list[str]:
         "label": "composer",
         "timing": "length (total, elapsed, fraction)",
         "style": "style of a reference",
+        "keyboard": "the keys sounding after each token and for how long (from the tokens: never asked for)",
     }
     lines = [
         "",

@@ -1,9 +1,10 @@
-"""Conditioning (label, timing, style): the windows carry the right conditions, a conditioned
+"""Conditioning (label, timing, style, keyboard): the windows carry the right conditions, a conditioned
 model starts as the unconditioned one, cached generation stays exact under every condition and
 under guidance, and a run can branch into a conditioned one."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -31,7 +32,7 @@ ARCHS = {
     "perceivers": dict(arch="perceiver_ar", scales=["full", 6]),
     "transformer": dict(arch="transformer", num_latents=24),
 }
-ALL = ["label", "timing", "style"]
+ALL = ["label", "timing", "style", "keyboard"]
 
 
 def tiny(condition=ALL, randomize=True, **kw):
@@ -135,11 +136,17 @@ def test_a_new_conditioned_model_computes_what_the_unconditioned_one_does(name):
         total=torch.tensor([30.0, 0.0]),
         elapsed=torch.rand(2, 24, generator=g) * 30,
         reference=torch.randint(3, V, (2, 16), generator=g),
+        keyboard=torch.where(
+            torch.rand(2, 24, 128, generator=g) < 0.1, torch.rand(2, 24, 128, generator=g), -1.0
+        ),
     )
     with torch.no_grad():
         assert torch.equal(cond_model(tokens, positions, cond=cond), plain(tokens, positions))
         trained = tiny(**ARCHS[name])  # conditioning weights away from zero: it matters
-        assert not torch.allclose(trained(tokens, positions, cond=cond), trained(tokens, positions))
+        silent = Cond(keyboard=torch.full_like(cond.keyboard, -1.0))  # told nothing, no key down
+        assert not torch.allclose(
+            trained(tokens, positions, cond=cond), trained(tokens, positions, cond=silent)
+        )
 
 
 def _forced_with_time(g, rows, steps):
@@ -150,7 +157,7 @@ def _forced_with_time(g, rows, steps):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-@pytest.mark.parametrize("condition", [["label"], ["timing"], ["style"], ALL])
+@pytest.mark.parametrize("condition", [["label"], ["timing"], ["style"], ["keyboard"], ALL])
 def test_cached_logits_equal_the_reference_under_conditioning(name, condition):
     model = tiny(condition, **ARCHS[name])
     g = torch.Generator().manual_seed(7)
@@ -162,10 +169,15 @@ def test_cached_logits_equal_the_reference_under_conditioning(name, condition):
     )
     cond = conditions.cond(2, "cpu")
     kw = {"cond": cond, "token_seconds": conditions.token_seconds(V, "cpu"), "start_seconds": 3.0}
+    kw["tokenizer"] = TokenizerConfig()
     total = 13 + 60
     with torch.no_grad():
         cached, ref = CachedStream(model, prompt, total, **kw), ReferenceStream(model, prompt, total, **kw)
-        plain = CachedStream(model, prompt, total)
+        unconditioned = copy.deepcopy(model)  # all conditioning weights at zero: a no-op
+        with torch.no_grad():
+            for p in unconditioned.conditioner.parameters():
+                p.zero_()
+        plain = CachedStream(unconditioned, prompt, total, **kw)
         assert torch.allclose(cached.current, ref.current, atol=1e-4)
         differs = False
         for i in range(59):
@@ -218,14 +230,24 @@ TINY = [
 ]
 
 
-def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path):
-    """The branch's first step is the unconditioned run's own next step (conditioning starts as
-    a no-op and the windows are the same); then it learns its conditioning."""
+@pytest.mark.parametrize(
+    "source, target, learns",
+    [
+        ("[]", "[label, timing, style]", "label"),
+        ("[label, timing, style]", "[label, timing, style, keyboard]", "keyboard"),
+    ],
+)
+def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, source, target, learns):
+    """The branch's first step is the source run's own next step (the conditioning it adds
+    starts as a no-op and the windows are the same); then it learns its conditioning."""
     whole = train(
-        load_config("debug", [*TINY, "train.steps=8"]), labelled_data, tmp_path / "plain", progress=False
+        load_config("debug", [*TINY, "train.steps=8", f"model.condition={source}"]),
+        labelled_data,
+        tmp_path / "plain",
+        progress=False,
     )
     assert whole.step == 8
-    cfg = load_config("debug", [*TINY, "train.steps=8", "model.condition=[label, timing, style]"])
+    cfg = load_config("debug", [*TINY, "train.steps=8", f"model.condition={target}"])
     train(
         cfg,
         labelled_data,
@@ -238,11 +260,12 @@ def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path):
     assert sorted(cond) == list(range(1, 9))  # the source's log up to the branch, then its own
     assert cond[7]["loss"] == plain[7]["loss"]
     saved = json.loads((tmp_path / "cond" / "config.json").read_text())["model"]
-    assert saved["condition"] == ["label", "timing", "style"] and saved["labels"] == ["A", "B"]
+    assert saved["condition"] == target.strip("[]").split(", ") and saved["labels"] == ["A", "B"]
     from perceiver_music.checkpoint import load_model
 
     model, _ = load_model(tmp_path / "cond" / "checkpoints" / "step_0000008")
-    assert float(model.conditioner.label.weight.detach().abs().sum()) > 0  # it has started to learn
+    learned = getattr(model.conditioner, learns).weight.detach()
+    assert float(learned.abs().sum()) > 0  # it has started to learn
 
 
 def test_branch_refuses_a_checkpoint_of_another_model(labelled_data, tmp_path):
@@ -257,7 +280,7 @@ def test_branch_refuses_a_checkpoint_of_another_model(labelled_data, tmp_path):
 @pytest.fixture(scope="module")
 def conditioned_run(labelled_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cond_run") / "run"
-    cfg = load_config("debug", [*TINY, "train.steps=2", "model.condition=[label, timing, style]"])
+    cfg = load_config("debug", [*TINY, "train.steps=2", "model.condition=[label, timing, style, keyboard]"])
     train(cfg, labelled_data, run, progress=False)
     return run
 

@@ -116,8 +116,9 @@ class ModelConfig:
     z_loss: float = 1e-4
     checkpoint_activations: bool = False
     # Conditioning (DESIGN.md section 8b): any of "label" (composer), "timing" (total length,
-    # elapsed time and fraction) and "style" (a reference performance's encoding).
-    condition: list[Literal["label", "timing", "style"]] = field(default_factory=list)
+    # elapsed time and fraction), "style" (a reference performance's encoding) and "keyboard"
+    # (the pitches sounding after each token and for how long, which the tokens give).
+    condition: list[Literal["label", "timing", "style", "keyboard"]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # label names; empty: the data's, at train time
     timing_bins: int = 64  # range-embedding buckets of each timing quantity
     style_len: int = 512  # reference tokens the style encoder reads

@@ -37,7 +37,7 @@ from perceiver_music.config import TokenizerConfig
 from perceiver_music.generate_settings import PIANO, check_sampling
 from perceiver_music.model.base import TokenModel, autocast
 from perceiver_music.model.conditioning import Cond
-from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, PAD, Vocab, note_events
+from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, PAD, Vocab, keyboard_state, note_events
 
 # Note ids do not depend on the tokenizer's settings (only TIME_SHIFT and VELOCITY do).
 _LAYOUT = Vocab(TokenizerConfig())
@@ -177,10 +177,14 @@ class _Stream:
         cond: Cond | None = None,
         token_seconds: Tensor | None = None,
         start_seconds: float = 0.0,
+        tokenizer: TokenizerConfig | None = None,
     ):
         """cond: the fixed conditions of each row, for a conditioned model; token_seconds [V]:
         how far each token id moves time, for one conditioned on timing (the stream then
-        tracks the time elapsed through every position, from start_seconds)."""
+        tracks the time elapsed through every position, from start_seconds). A model
+        conditioned on the keyboard gets its state through every position (tokenizer: how
+        far each token moves time)."""
+        tokenizer = tokenizer or TokenizerConfig()
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError("the prompt must be [batch, length >= 1] tokens (start from BOS)")
         self.model, self.total = model, total
@@ -199,12 +203,47 @@ class _Stream:
         if cond is not None and token_seconds is not None:
             self.elapsed = torch.zeros(prompt.shape[0], total, dtype=torch.float64, device=prompt.device)
             self.elapsed[:, : self.length] = start_seconds + token_seconds[prompt].cumsum(1)
+        self.keyboard = None
+        if self.cfg.conditioned_on("keyboard"):  # the tokens give it: a model always gets it
+            self.cond = cond or Cond()
+            self._start_keyboard(prompt, total, tokenizer)
+
+    def _start_keyboard(self, prompt: Tensor, total: int, tokenizer: TokenizerConfig) -> None:
+        """The keyboard state through the prompt, as training counts it (keyboard_state), then
+        followed token by token: each pitch's onset time and whether it sounds."""
+        vocab = Vocab(tokenizer)
+        B, P = prompt.shape
+        held = np.stack([keyboard_state(row.cpu().numpy(), vocab) for row in prompt])  # [B, P, 128]
+        self.keyboard = torch.full((B, total, NUM_PITCHES), -1.0, device=prompt.device)
+        self.keyboard[:, :P] = torch.as_tensor(held, device=prompt.device)
+        seconds = vocab.shift_steps(np.arange(self.cfg.vocab_size)) / tokenizer.steps_per_second
+        self.move = torch.as_tensor(seconds, dtype=torch.float64, device=prompt.device)  # [V]
+        self.now = self.move[prompt].sum(1)  # [B] seconds through the prompt
+        last = self.keyboard[:, P - 1].double()
+        self.sounding = last >= 0  # [B, 128]
+        self.onset = torch.where(self.sounding, self.now[:, None] - last, 0.0)  # [B, 128]
+
+    def _follow_keyboard(self, token: Tensor) -> None:
+        """The keyboard state after tokens [B], at the position just appended."""
+        self.now = self.now + self.move[token]
+        rows = torch.arange(token.shape[0], device=token.device)
+        on = (token >= NOTE_ON) & (token < NOTE_OFF)
+        off = (token >= NOTE_OFF) & (token < NOTE_OFF + NUM_PITCHES)
+        pitch = torch.where(on, token - NOTE_ON, token - NOTE_OFF).clamp(0, NUM_PITCHES - 1)
+        note = on | off
+        self.sounding[rows[note], pitch[note]] = on[note]
+        self.onset[rows[on], pitch[on]] = self.now[on]
+        held = torch.where(self.sounding, self.now[:, None] - self.onset, -1.0)
+        self.keyboard[:, self.length] = held.float()
 
     def _cond(self, lo: int, hi: int) -> Cond | None:
         """The conditions of positions lo..hi-1."""
-        if self.cond is None or self.elapsed is None:
+        if self.cond is None or (self.elapsed is None and self.keyboard is None):
             return self.cond
-        return self.cond.with_elapsed(self.elapsed[:, lo:hi].float())
+        return self.cond.with_positions(
+            None if self.elapsed is None else self.elapsed[:, lo:hi].float(),
+            None if self.keyboard is None else self.keyboard[:, lo:hi],
+        )
 
     def _advance(self) -> bool:
         """Account for the position just appended; True when it starts a refill."""
@@ -220,6 +259,8 @@ class _Stream:
         self.tokens[:, self.length] = token
         if self.elapsed is not None:
             self.elapsed[:, self.length] = self.elapsed[:, self.length - 1] + self.token_seconds[token]
+        if self.keyboard is not None:
+            self._follow_keyboard(token)
         self.length += 1
         return self._logits_after_append(self._advance())
 
@@ -351,7 +392,7 @@ def _stream_conditioning(
             style=None if cond.style is None else torch.cat([cond.style, cond.style]),
             has_style=None if cond.style is None else torch.arange(2 * batch, device=device) < batch,
         )
-    keywords = {"cond": cond}
+    keywords = {"cond": cond, "tokenizer": conditions.tokenizer}
     if model.cfg.conditioned_on("timing"):
         keywords["token_seconds"] = conditions.token_seconds(model.cfg.vocab_size, device)
         keywords["start_seconds"] = conditions.start_seconds

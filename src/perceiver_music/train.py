@@ -83,7 +83,7 @@ class _Batches(torch.utils.data.Dataset):
         return self.collate([self.windows[i] for i in range(first, first + self.batch_size)])
 
 
-COND_KEYS = ("label", "total", "elapsed", "reference")  # what `collate` adds for conditioning
+COND_KEYS = ("label", "total", "elapsed", "reference", "keyboard")  # what `collate` adds for conditioning
 
 
 def model_inputs(batch: dict[str, torch.Tensor], told: bool = True) -> dict:
@@ -106,6 +106,8 @@ def collate(windows) -> dict[str, torch.Tensor]:
     first = windows[0]
     if first.elapsed is not None:
         batch["elapsed"] = torch.from_numpy(np.stack([w.elapsed for w in windows]))
+    if first.keyboard is not None:
+        batch["keyboard"] = torch.from_numpy(np.stack([w.keyboard for w in windows]))
     if first.reference is not None:
         batch["reference"] = torch.from_numpy(np.stack([w.reference for w in windows]))
     if first.elapsed is not None or any(w.label for w in windows):
@@ -116,14 +118,15 @@ def collate(windows) -> dict[str, torch.Tensor]:
 
 def batch_cond(batch: dict[str, torch.Tensor], told: bool = True) -> Cond:
     """What a collated batch is conditioned on (an unconditioned model ignores it); told=False:
-    nothing but the time elapsed, which the tokens themselves give."""
+    nothing but the time elapsed and the keyboard, which the tokens themselves give."""
     if not told:
-        return Cond(elapsed=batch.get("elapsed"))
+        return Cond(elapsed=batch.get("elapsed"), keyboard=batch.get("keyboard"))
     return Cond(
         label=batch.get("label"),
         total=batch.get("total"),
         elapsed=batch.get("elapsed"),
         reference=batch.get("reference"),
+        keyboard=batch.get("keyboard"),
     )
 
 
@@ -140,6 +143,7 @@ def window_conditions(cfg: Config) -> Conditions | None:
         timing_dropout=t.timing_dropout,
         style_dropout=t.style_dropout,
         condition_dropout=t.condition_dropout,
+        keyboard=m.conditioned_on("keyboard"),
     )
 
 

@@ -19,7 +19,9 @@ the window's stretch), and a style reference: `style_len` tokens of the same pie
 the window, augmented as the window is, so the model learns the performance's manner rather
 than copying the notes it must predict. Training windows drop each of the three at its own
 rate, and all three at once at another; the draws come after the window's own, so its tokens
-are those an unconditioned run draws.
+are those an unconditioned run draws. A keyboard-conditioned model's windows also carry the
+keyboard state through each input, counted from the piece's start (notes held into the
+window included), after the window's augmentation; it is never dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from perceiver_music.config import DataConfig, TokenizerConfig
-from perceiver_music.tokens.performance import PAD, Vocab, interleave_time_shifts
+from perceiver_music.tokens.performance import (
+    NUM_PITCHES,
+    PAD,
+    Vocab,
+    held_at_end,
+    interleave_time_shifts,
+    keyboard_state,
+)
 
 
 class TokenData:
@@ -85,6 +94,7 @@ class Conditions:
     timing_dropout: float = 0.0
     style_dropout: float = 0.0
     condition_dropout: float = 0.0  # windows that drop all three at once
+    keyboard: bool = False  # the keyboard state through each input (never dropped)
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Window:
     total: float = 0.0  # seconds of the whole piece; 0: unknown (or dropped)
     elapsed: np.ndarray | None = None  # [max_len] float32 seconds through each input (timing)
     reference: np.ndarray | None = None  # [style_len] int64 style reference, all PAD: none
+    keyboard: np.ndarray | None = None  # [max_len, 128] float32 seconds each pitch has sounded, -1: silent
 
 
 def window_ends(length: int, segmentation: str, max_len: int, num_latents: int) -> tuple[int, int]:
@@ -223,11 +234,30 @@ class WindowDataset:
                 if piece not in self._total_steps:
                     self._total_steps[piece] = int(vocab.shift_steps(tokens).sum())
                 window.total = self._total_steps[piece] * factor / sps
+        if c.keyboard:
+            window.keyboard = self._keyboard(tokens, begin, chunk, shift, factor)
         if c.style_len:
             window.reference = np.full(c.style_len, PAD, np.int64)
             if drop[2] >= c.style_dropout:
                 ref = self._reference(tokens, end, shift, factor, rng, piece)
                 window.reference[: len(ref)] = ref
+
+    def _keyboard(self, tokens, begin, chunk, shift, factor) -> np.ndarray:
+        """[max_len, 128] keyboard state (seconds) through each input; PAD inputs are silent.
+        Notes held from before the chunk are counted from the piece as it was recorded, then
+        moved as the chunk was (transposed, their time stretched)."""
+        vocab, need = self.vocab, self.max_len + 1
+        before = held_at_end(tokens[:begin], vocab)
+        if shift:
+            moved = np.full_like(before, -1.0)
+            lo, hi = max(0, -shift), min(NUM_PITCHES, NUM_PITCHES - shift)
+            moved[lo + shift : hi + shift] = before[lo:hi]
+            before = moved
+        before = np.where(before >= 0, before * factor, -1.0)
+        held = keyboard_state(chunk, vocab, before)[-need:]
+        full = np.full((need, NUM_PITCHES), -1.0, np.float32)
+        full[need - len(held) :] = held
+        return full[:-1]
 
     def _reference(self, tokens, end, shift, factor, rng, piece) -> np.ndarray:
         """`style_len` tokens of the piece that do not overlap the window (none if it has no

@@ -32,7 +32,7 @@ from perceiver_music.data.windows import TokenData
 from perceiver_music.files import atomic_write_text
 from perceiver_music.model.conditioning import Cond
 from perceiver_music.progress import progress_bar
-from perceiver_music.tokens.performance import PAD, Vocab
+from perceiver_music.tokens.performance import PAD, Vocab, keyboard_state
 
 DEFAULT_BUCKETS = (1024, 4096)  # token positions where a new bucket starts
 
@@ -68,11 +68,13 @@ def piece_nll(
     elapsed: np.ndarray | None = None,
     label: int = 0,
     total: float = 0.0,
+    keyboard: np.ndarray | None = None,
 ) -> np.ndarray:
     """NLL (nats, float64) of tokens[1:] given everything before each, [len(tokens) - 1].
 
     elapsed [len(tokens)]: seconds through each token, for a timing-conditioned model; label
-    and total (seconds): what a conditioned model is told about the piece (0: nothing)."""
+    and total (seconds): what a conditioned model is told about the piece (0: nothing);
+    keyboard [len(tokens), 128]: the piece's keyboard state in seconds, for a model conditioned on it."""
     n = len(tokens)
     out = np.full(n, np.nan)
     ends = list(range(n, 1, -stride))[::-1]  # window ends (exclusive); targets (end - stride, end]
@@ -94,10 +96,15 @@ def piece_nll(
                 window_elapsed = torch.from_numpy(
                     np.where(seq[:, :-1] == PAD, 0.0, elapsed[pos[:, :-1]])
                 ).float()
+            window_keyboard = None
+            if keyboard is not None:  # PAD inputs are silent
+                pad = (seq[:, :-1] == PAD)[..., None]
+                window_keyboard = torch.from_numpy(np.where(pad, -1.0, keyboard[pos[:, :-1]])).float()
             cond = Cond(
                 label=torch.full((B,), label, dtype=torch.long),
                 total=torch.full((B,), float(total)),
                 elapsed=window_elapsed,
+                keyboard=window_keyboard,
             ).to(device)
         kwargs = {} if cond is None else {"cond": cond}  # (an audio upsampler takes none)
         logits = model(
@@ -163,6 +170,8 @@ def evaluate_likelihood(
             cond["total"] = float(seconds[-1]) if told else 0.0
         if told and m.conditioned_on("label"):
             cond["label"] = label_ids[i]
+        if m.conditioned_on("keyboard"):
+            cond["keyboard"] = keyboard_state(tokens, vocab)
         with condition(i):
             nll = piece_nll(model, tokens, max_len, num_latents, stride, batch_size, device, **cond)
         which = np.searchsorted(np.array(buckets), np.arange(1, len(tokens)), side="right")

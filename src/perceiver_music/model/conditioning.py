@@ -1,6 +1,7 @@
-"""Conditioning (DESIGN.md section 8b): a composer label, timing, and the style of a performance.
+"""Conditioning (DESIGN.md section 8b): a composer label, timing, the style of a performance,
+and the state of the keyboard.
 
-All three enter the same way: one vector per position, added to the stream of queries (the
+All four enter the same way: one vector per position, added to the stream of queries (the
 latents' embeddings in Perceiver AR, every position's embedding in the Transformer baseline).
 An input's cross-attention key and value stay a function of its token, so Perceiver AR's
 per-vocabulary key/value table stays valid; a position's vector depends only on the
@@ -14,6 +15,12 @@ sampler knows as it goes, so cached generation stays exact.
 * style (the Transformer autoencoder): a small bidirectional Transformer over a reference
   performance's tokens, mean-pooled over its positions to one vector (`StyleEncoder`), then
   projected; a row without a reference gets a learned "no style" vector.
+* keyboard: which pitches are sounding after each position's token and for how long (the
+  tokens say it: `tokens.performance.keyboard_state`), projected from two features per pitch,
+  sounding and log(1 + seconds held). It is never dropped and never "told": like elapsed time
+  it comes from the tokens, the sampler follows it as it samples, and it spares the model
+  rebuilding from attention which of 88 keys are down, the one thing that makes a NOTE_OFF
+  or NOTE_ON possible.
 
 The output embeddings and the style projection start at zero, so a conditioned model starts
 out computing exactly what the unconditioned model it extends computes (a run can take
@@ -30,7 +37,7 @@ from torch import Tensor, nn
 
 from perceiver_music.config import ModelConfig
 from perceiver_music.model.attention import Rotary, SelfAttentionBlock
-from perceiver_music.tokens.performance import PAD
+from perceiver_music.tokens.performance import NUM_PITCHES, PAD
 
 MAX_SECONDS = 3600.0  # timing buckets are log-spaced up to an hour; longer is the last bucket
 STYLE_HEADS = 4
@@ -46,9 +53,16 @@ class Cond:
     reference: Tensor | None = None  # [B, R] reference tokens for the style encoder (PAD: none)
     style: Tensor | None = None  # [B, S] style vectors, instead of a reference (generation)
     has_style: Tensor | None = None  # [B] bool: rows whose `style` vector is real (None: all)
+    keyboard: Tensor | None = (
+        None  # [B, L, 128] seconds each pitch has sounded through each position, -1: silent
+    )
 
     def with_elapsed(self, elapsed: Tensor) -> Cond:
         return replace(self, elapsed=elapsed)
+
+    def with_positions(self, elapsed: Tensor | None, keyboard: Tensor | None) -> Cond:
+        """The per-position conditions of some positions (those the tokens give)."""
+        return replace(self, elapsed=elapsed, keyboard=keyboard)
 
     def to(self, device) -> Cond:
         return Cond(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
@@ -116,11 +130,14 @@ class Conditioner(nn.Module):
             self.style_encoder = StyleEncoder(cfg)
             self.style_proj = nn.Linear(cfg.style_width, D)
             self.no_style = nn.Parameter(torch.zeros(D))
+        if cfg.conditioned_on("keyboard"):
+            self.keyboard = nn.Linear(2 * NUM_PITCHES, D, bias=False)
 
     def zero_outputs(self) -> None:
         """Start as a no-op (called after the model's own initialisation)."""
         outputs = [
-            getattr(self, name, None) for name in ("label", "total", "elapsed", "fraction", "style_proj")
+            getattr(self, name, None)
+            for name in ("label", "total", "elapsed", "fraction", "style_proj", "keyboard")
         ]
         with torch.no_grad():
             for module in outputs:
@@ -165,4 +182,13 @@ class Conditioner(nn.Module):
             vectors, present = self.style_vectors(cond, batch, device)
             styled = torch.where(present[:, None], self.style_proj(vectors.to(out.dtype)), self.no_style)
             out = out + styled[:, None]
+        if self.cfg.conditioned_on("keyboard"):
+            if cond.keyboard is None:
+                raise ValueError(
+                    "a keyboard-conditioned model needs Cond.keyboard (keyboard_state of its tokens)"
+                )
+            held = cond.keyboard[:, -length:].to(out.dtype)  # [B, T, 128]
+            sounding = (held >= 0).to(out.dtype)
+            features = torch.cat([sounding, sounding * torch.log1p(held.clamp_min(0))], dim=-1)  # [B, T, 256]
+            out = out + self.keyboard(features)
         return out.expand(batch, length, -1) if out.shape[1] == 1 else out

@@ -604,3 +604,51 @@ def note_events(ids: np.ndarray, vocab: Vocab) -> NoteEvents:
     open_before = np.concatenate([[0], open_after[:-1]]) if len(s) else s
     open_before[group_start] = 0
     return NoteEvents(pos, on, pitch, open_before, open_after, group_id, group_start)
+
+
+def keyboard_state(ids: np.ndarray, vocab: Vocab, held_before: np.ndarray | None = None) -> np.ndarray:
+    """[L, 128] float32: after each token, how many seconds each pitch has been sounding
+    (since its latest NOTE_ON), -1 for a silent pitch.
+
+    The last note event of a pitch decides: a NOTE_ON makes it sound (a re-strike restarts
+    its time), a NOTE_OFF silences it. In performance data this is the decoder's count of
+    sounding notes; the two differ only for re-struck notes, which the data never holds.
+    held_before [128]: the state just before ids[0] (`held_at_end` of what precedes it).
+    Vectorised: a running maximum of each pitch's last onset and release, no loop over tokens.
+    """
+    ids = np.asarray(ids, np.int64)
+    L = len(ids)
+    step = np.cumsum(vocab.shift_steps(ids))  # [L] steps through each token
+    rows = np.arange(L)
+    is_on = (ids >= vocab.note_on) & (ids < vocab.note_off)
+    is_off = (ids >= vocab.note_off) & (ids < vocab.time_shift)
+    last_on = np.full((L, NUM_PITCHES), -1, np.int64)
+    last_off = np.full((L, NUM_PITCHES), -1, np.int64)
+    last_on[rows[is_on], ids[is_on] - vocab.note_on] = rows[is_on]
+    last_off[rows[is_off], ids[is_off] - vocab.note_off] = rows[is_off]
+    np.maximum.accumulate(last_on, axis=0, out=last_on)  # [L, 128] latest onset at or before
+    np.maximum.accumulate(last_off, axis=0, out=last_off)
+    sps = vocab.cfg.steps_per_second
+    held = np.where(last_on > last_off, (step[:, None] - step[last_on.clip(0)]) / sps, -1.0)
+    if held_before is not None:
+        carried = (last_on < 0) & (last_off < 0) & (np.asarray(held_before) >= 0)[None, :]
+        held = np.where(carried, np.asarray(held_before)[None, :] + step[:, None] / sps, held)
+    return held.astype(np.float32)
+
+
+def held_at_end(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """[128] float32: `keyboard_state` after the last token only (-1 silent), without the
+    [L, 128] matrix, for the long stretch of a piece before a training window."""
+    ids = np.asarray(ids, np.int64)
+    if len(ids) == 0:
+        return np.full(NUM_PITCHES, -1.0, np.float32)
+    step = np.cumsum(vocab.shift_steps(ids))
+    rows = np.arange(len(ids))
+    is_on = (ids >= vocab.note_on) & (ids < vocab.note_off)
+    is_off = (ids >= vocab.note_off) & (ids < vocab.time_shift)
+    last_on = np.full(NUM_PITCHES, -1, np.int64)
+    last_off = np.full(NUM_PITCHES, -1, np.int64)
+    np.maximum.at(last_on, ids[is_on] - vocab.note_on, rows[is_on])
+    np.maximum.at(last_off, ids[is_off] - vocab.note_off, rows[is_off])
+    held = (step[-1] - step[last_on.clip(0)]) / vocab.cfg.steps_per_second
+    return np.where(last_on > last_off, held, -1.0).astype(np.float32)
