@@ -34,11 +34,18 @@ def _training(run: Path) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     t = cfg["train"]
     last = train_rows[-1]
+    # elapsed_s restarts at each resume or branch: the run's time is the sum of its stretches.
+    seconds, previous = 0.0, 0.0
+    for r in train_rows:
+        if r["elapsed_s"] < previous:
+            seconds += previous
+        previous = r["elapsed_s"]
+    seconds += previous
     best = json.loads((run / "best" / "info.json").read_text())
     world = best.get("world_size", 1)  # processes (torchrun): each step saw world x batch_size windows
     return {
         "steps": last["step"],
-        "hours": last["elapsed_s"] / 3600,
+        "hours": seconds / 3600,
         "tokens": last["step"]
         * t["batch_size"]
         * t.get("grad_accum", 1)
@@ -47,6 +54,24 @@ def _training(run: Path) -> dict:
         "best": best,
         "config": cfg,
     }
+
+
+def _stages(run: Path, steps: int, condition: list[str]) -> str | None:
+    """The stages of a run made by `train --branch` (branch.json, followed back), as one line."""
+    stages, end = [], steps
+    while (run / "branch.json").is_file():
+        record = json.loads((run / "branch.json").read_text())
+        stages.append((record["step"], end, condition))
+        end, condition = record["step"], record.get("source_condition", [])
+        run = Path(record["source"]).parent.parent
+    if not stages:
+        return None
+    stages.append((0, end, condition))
+    parts = [
+        f"steps {a:,}-{b:,} " + ("conditioned on " + ", ".join(c) if c else "unconditioned")
+        for a, b, c in reversed(stages)
+    ]
+    return "- trained in stages (`train --branch`, each adding conditioning as a no-op): " + "; ".join(parts)
 
 
 def _params(run: Path) -> int:
@@ -189,6 +214,7 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         f"- AdamW, lr {tr['lr']} (warm-up {tr['warmup_steps']} steps, cosine to {tr['min_lr']}), "
         f"batch {tr['batch_size']} windows, seed {tr['seed']}",
         f"- {t['steps']:,} steps, {t['tokens'] / 1e6:.1f} M target tokens, {t['hours']:.2f} h on {hardware}",
+        *filter(None, [_stages(main, t["steps"], m.get("condition", []))]),
         f"- best validation NLL during training (sampled windows): {t['best']['val_nll']:.4f} nats/token "
         f"at step {t['best']['step']}",
         "",

@@ -266,6 +266,10 @@ def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, 
     model, _ = load_model(tmp_path / "cond" / "checkpoints" / "step_0000008")
     learned = getattr(model.conditioner, learns).weight.detach()
     assert float(learned.abs().sum()) > 0  # it has started to learn
+    # The model card tells the stages apart.
+    stages = _script("recipes/bundle_model.py")._stages(tmp_path / "cond", 8, saved["condition"])
+    before = "unconditioned" if source == "[]" else "conditioned on " + source.strip("[]")
+    assert f"steps 0-6 {before}; steps 6-8 conditioned on {target.strip('[]')}" in stages
 
 
 def test_branch_refuses_a_checkpoint_of_another_model(labelled_data, tmp_path):

@@ -147,6 +147,21 @@ def window_conditions(cfg: Config) -> Conditions | None:
     )
 
 
+def _write_branch_record(run_dir: Path, source: Path, step: int) -> None:
+    """branch.json: where a branched run started (its model card tells the stages apart)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source_run = source.parent.parent
+    source_cfg = (
+        json.loads((source_run / "config.json").read_text()) if (source_run / "config.json").is_file() else {}
+    )
+    record = {
+        "source": str(source),
+        "step": step,
+        "source_condition": source_cfg.get("model", {}).get("condition", []),
+    }
+    (run_dir / "branch.json").write_text(json.dumps(record, indent=1))
+
+
 def _setup_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -432,6 +447,7 @@ def train(
         log_rows = _read_log(source.parent.parent, upto=step)
         if main_process:
             print(f"branched from {source} at step {step}")
+            _write_branch_record(run_dir, source, step)
     if resume and latest is None and main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     if latest is not None:
