@@ -226,15 +226,17 @@ class _Stream:
     def _follow_keyboard(self, token: Tensor) -> None:
         """The keyboard state after tokens [B], at the position just appended."""
         self.now = self.now + self.move[token]
-        rows = torch.arange(token.shape[0], device=token.device)
         on = (token >= NOTE_ON) & (token < NOTE_OFF)
         off = (token >= NOTE_OFF) & (token < NOTE_OFF + NUM_PITCHES)
-        pitch = torch.where(on, token - NOTE_ON, token - NOTE_OFF).clamp(0, NUM_PITCHES - 1)
-        note = on | off
-        self.sounding[rows[note], pitch[note]] = on[note]
-        self.onset[rows[on], pitch[on]] = self.now[on]
-        held = torch.where(self.sounding, self.now[:, None] - self.onset, -1.0)
-        self.keyboard[:, self.length] = held.float()
+        pitch = torch.where(on, token - NOTE_ON, token - NOTE_OFF).clamp(0, NUM_PITCHES - 1)[
+            :, None
+        ]  # [B, 1]
+        # Gather-where-scatter: no boolean indexing, so no host sync and nothing sized by the data.
+        was = self.sounding.gather(1, pitch)[:, 0]
+        self.sounding.scatter_(1, pitch, (on | (was & ~off))[:, None])
+        onset = torch.where(on, self.now, self.onset.gather(1, pitch)[:, 0])
+        self.onset.scatter_(1, pitch, onset[:, None])
+        self.keyboard[:, self.length] = (self.now[:, None] - self.onset).masked_fill_(~self.sounding, -1.0)
 
     def _cond(self, lo: int, hi: int) -> Cond | None:
         """The conditions of positions lo..hi-1."""
