@@ -209,6 +209,23 @@ def test_keyboard_mask_starts_from_the_prompt_as_the_decoder_counts():
     assert mask.sounding.sum() == 0 and not torch.isinf(mask.apply(torch.zeros(1, V))[0, EOS])
 
 
+def test_release_gives_a_restrikes_probability_to_the_keys_release():
+    prompt = torch.tensor([[BOS, ON + 60, SHIFT]])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, V, generator=g)
+    released = KeyboardMask(prompt).apply(logits.clone())
+    dropped = KeyboardMask(prompt, release=False).apply(logits.clone())
+    assert torch.isinf(released[0, ON + 60]) and torch.isinf(dropped[0, ON + 60])
+    assert torch.allclose(released[0, OFF + 60], torch.logaddexp(logits[0, ON + 60], logits[0, OFF + 60]))
+    assert dropped[0, OFF + 60] == logits[0, OFF + 60]
+    # Nothing else moves: the other keys' events, time shifts and velocities are as given.
+    keep = torch.ones(V, dtype=torch.bool)
+    keep[[OFF + 60]] = False
+    assert torch.equal(released[0, keep], dropped[0, keep])
+    with pytest.raises(ValueError, match="restrike"):
+        SamplingConfig(restrike="again")
+
+
 def test_masked_generation_has_no_impossible_events_and_unmasked_does():
     model = tiny(scales=["full", 6])
     prompt = torch.full((4, 1), BOS)
@@ -221,11 +238,12 @@ def test_masked_generation_has_no_impossible_events_and_unmasked_does():
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_masked_generation_is_the_same_with_and_without_the_cache(name):
+@pytest.mark.parametrize("restrike", ["release", "drop"])
+def test_masked_generation_is_the_same_with_and_without_the_cache(name, restrike):
     """Past max_len and through refills, with a prompt whose notes are still sounding."""
     model = tiny(**ARCHS[name])
     prompt = torch.tensor([[BOS, ON + 60, SHIFT, ON + 64, SHIFT + 9]]).expand(2, -1)
-    kw = dict(sampling=SamplingConfig(top_p=0.95), seed=11, stop_at_eos=False)
+    kw = dict(sampling=SamplingConfig(top_p=0.95, restrike=restrike), seed=11, stop_at_eos=False)
     a = generate(model, prompt, 60, **kw)
     b = generate(model, prompt, 60, use_cache=False, **kw)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -426,6 +426,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.min_p,
         keyboard=not args.no_keyboard_mask,
         pitch_range=pitch_range,
+        restrike=args.restrike,
     )
     device = _device(args.device)
     try:
@@ -850,6 +851,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also sample events performances never contain (NOTE_OFF of a silent pitch, NOTE_ON of "
         "a sounding one, EOS while a note sounds); masked by default",
+    )
+    p.add_argument(
+        "--restrike",
+        choices=["release", "drop"],
+        default="release",
+        help="under the mask, the probability of striking a key that is already down goes to its "
+        "release (default: a performance re-attacks a held key by releasing it first) or is dropped",
     )
     p.add_argument(
         "--pitch-range",

@@ -42,6 +42,7 @@ from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, PAD, Vocab
 # Note ids do not depend on the tokenizer's settings (only TIME_SHIFT and VELOCITY do).
 _LAYOUT = Vocab(TokenizerConfig())
 NOTE_ON, NOTE_OFF = _LAYOUT.note_on, _LAYOUT.note_off
+RESTRIKE = ("release", "drop")
 
 
 @dataclass
@@ -53,9 +54,15 @@ class SamplingConfig:
     # Zero probability for events that never occur in performances (see KeyboardMask).
     keyboard: bool = True
     pitch_range: tuple[int, int] = PIANO  # NOTE_ONs outside it are masked (widened by the prompt)
+    # What the mask does with the probability of re-striking a sounding pitch: "release" gives
+    # it to that pitch's NOTE_OFF (a performance re-attacks a held key by releasing it first),
+    # "drop" spreads it over every possible event.
+    restrike: str = "release"
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.pitch_range)
+        if self.restrike not in RESTRIKE:
+            raise ValueError(f"restrike must be one of {', '.join(RESTRIKE)}, got {self.restrike!r}")
 
 
 @dataclass
@@ -132,9 +139,16 @@ class KeyboardMask:
     so masking them removes only events the decoder would have to repair. The state starts
     from the prompt, counted as the decoder counts it, and follows each sampled token; it
     depends only on the tokens, so cached and uncached generation see the same mask.
+
+    release: the probability of a NOTE_ON of a sounding pitch goes to that pitch's NOTE_OFF
+    (before temperature and the other filters) instead of to every possible event. A model
+    that wants a held key struck again meant a re-attack, which a performance writes as the
+    release and then the strike; spread over everything else, that probability mostly starts
+    other notes, and the keys held keep adding up.
     """
 
-    def __init__(self, prompt: Tensor, pitch_range: tuple[int, int] = PIANO):
+    def __init__(self, prompt: Tensor, pitch_range: tuple[int, int] = PIANO, release: bool = True):
+        self.release = release
         B = prompt.shape[0]
         rows = [note_events(row.cpu().numpy(), _LAYOUT) for row in prompt]
         self.sounding = torch.as_tensor(
@@ -151,6 +165,9 @@ class KeyboardMask:
     def apply(self, logits: Tensor) -> Tensor:
         """logits [B, V] with the impossible events at -inf (in place)."""
         sounding = self.sounding > 0  # [B, 128]
+        if self.release:
+            on, off = logits[:, NOTE_ON : NOTE_ON + NUM_PITCHES], logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES]
+            off.copy_(torch.where(sounding, torch.logaddexp(on, off), off))
         logits[:, NOTE_ON : NOTE_ON + NUM_PITCHES].masked_fill_(sounding | self.outside, float("-inf"))
         logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES].masked_fill_(~sounding, float("-inf"))
         logits[:, EOS].masked_fill_(sounding.any(-1), float("-inf"))
@@ -438,7 +455,7 @@ def _generate(
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     keyboard = logits_mask
     if keyboard is None and sampling.keyboard:
-        keyboard = KeyboardMask(prompt, sampling.pitch_range)
+        keyboard = KeyboardMask(prompt, sampling.pitch_range, release=sampling.restrike == "release")
     logits = mixed(stream.current)
     for i in range(max_new_tokens):
         token = sample_next(logits, sampling, generator, keyboard)

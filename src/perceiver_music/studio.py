@@ -56,7 +56,7 @@ class ModelInfo:
     card: str  # Markdown
     labels: list[str] = field(default_factory=list)  # composers it is conditioned on, if any
     style: bool = False  # whether it takes a style file
-    condition: list[str] = field(default_factory=list)  # model.condition: label, timing, style
+    condition: list[str] = field(default_factory=list)  # model.condition: label, timing, style, keyboard
 
 
 def safe_name(name: str, limit: int = 80) -> str:
