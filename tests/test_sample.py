@@ -216,12 +216,31 @@ def test_release_gives_a_restrikes_probability_to_the_keys_release():
     released = KeyboardMask(prompt).apply(logits.clone())
     dropped = KeyboardMask(prompt, release=False).apply(logits.clone())
     assert torch.isinf(released[0, ON + 60]) and torch.isinf(dropped[0, ON + 60])
-    assert torch.allclose(released[0, OFF + 60], torch.logaddexp(logits[0, ON + 60], logits[0, OFF + 60]))
+    restrike = torch.logaddexp(logits[0, ON + 60], logits[0, OFF + 60])
+    # Pitch 60 is the only key down, so it also takes all of EOS's probability.
+    assert torch.allclose(released[0, OFF + 60], torch.logaddexp(restrike, logits[0, EOS]))
     assert dropped[0, OFF + 60] == logits[0, OFF + 60]
+    assert torch.isinf(released[0, EOS]) and torch.isinf(dropped[0, EOS])
     # Nothing else moves: the other keys' events, time shifts and velocities are as given.
     keep = torch.ones(V, dtype=torch.bool)
     keep[[OFF + 60]] = False
     assert torch.equal(released[0, keep], dropped[0, keep])
+    # Two keys down: EOS's probability is shared in proportion to their releases' own.
+    two = KeyboardMask(torch.tensor([[BOS, ON + 60, ON + 62, SHIFT]]))
+    out = two.apply(logits.clone())
+    p_in, p_out = logits[0].softmax(-1), out[0].softmax(-1)  # out: impossible events gone
+    before = torch.stack([p_in[ON + 60] + p_in[OFF + 60], p_in[ON + 62] + p_in[OFF + 62]])
+    total = p_in[[ON + 60, OFF + 60, ON + 62, OFF + 62, EOS]].sum()
+    assert torch.allclose(
+        torch.stack([p_out[OFF + 60], p_out[OFF + 62]]) / p_out[[OFF + 60, OFF + 62]].sum(),
+        before / before.sum(),
+    )
+    kept = torch.isfinite(out[0])
+    assert torch.allclose(
+        p_out[[OFF + 60, OFF + 62]].sum(),
+        total / (p_in[kept].sum() - p_in[[OFF + 60, OFF + 62]].sum() + total),
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="restrike"):
         SamplingConfig(restrike="again")
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from perceiver_music.config import TokenizerConfig
@@ -144,7 +145,8 @@ class KeyboardMask:
     (before temperature and the other filters) instead of to every possible event. A model
     that wants a held key struck again meant a re-attack, which a performance writes as the
     release and then the strike; spread over everything else, that probability mostly starts
-    other notes, and the keys held keep adding up.
+    other notes, and the keys held keep adding up. Likewise EOS while keys are down goes to
+    their NOTE_OFFs (a performance ends by releasing them), so a piece can reach its end.
     """
 
     def __init__(self, prompt: Tensor, pitch_range: tuple[int, int] = PIANO, release: bool = True):
@@ -168,6 +170,11 @@ class KeyboardMask:
         if self.release:
             on, off = logits[:, NOTE_ON : NOTE_ON + NUM_PITCHES], logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES]
             off.copy_(torch.where(sounding, torch.logaddexp(on, off), off))
+            # Ending while keys are down: EOS's probability goes to their releases, in proportion
+            # to each one's own (each logit + log(1 + p(EOS) / p(releases))).
+            held = off.masked_fill(~sounding, float("-inf")).logsumexp(-1, keepdim=True)  # [B, 1]
+            boost = F.softplus(logits[:, EOS : EOS + 1] - held)
+            off.copy_(torch.where(sounding, off + boost, off))
         logits[:, NOTE_ON : NOTE_ON + NUM_PITCHES].masked_fill_(sounding | self.outside, float("-inf"))
         logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES].masked_fill_(~sounding, float("-inf"))
         logits[:, EOS].masked_fill_(sounding.any(-1), float("-inf"))
