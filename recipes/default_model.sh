@@ -102,12 +102,13 @@ done
 perceiver-music evaluate --generated "${dirs[@]}" --reference "$OUT/reference-test" --out "$OUT/eval/sampling" --no-plots
 
 # Event validity as a listener meets it: 8 pieces of 45 s with generate's defaults (the keyboard
-# mask on) and without the mask, from this model and, with OLD=CKPT, from the one it replaces.
+# mask on, re-strikes released), with the mask dropping re-strikes instead, and without the mask,
+# from this model and, with OLD=CKPT, from the one it replaces.
 validity=() names=()
 for model in new ${OLD:+old}; do
     ckpt="$OUT/perceivers"; [ "$model" = old ] && ckpt=$OLD
-    for mode in masked free; do
-        flag=(); [ "$mode" = free ] && flag=(--no-keyboard-mask)
+    for mode in masked drop free; do
+        flag=(); [ "$mode" = free ] && flag=(--no-keyboard-mask); [ "$mode" = drop ] && flag=(--restrike drop)
         perceiver-music generate --ckpt "$ckpt" --out "$OUT/validity/$model-$mode" --num 8 --seconds 45 \
             --seed 5 --quiet --no-render "${flag[@]}"
         validity+=("$OUT/validity/$model-$mode") names+=("$model-$mode")

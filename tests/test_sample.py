@@ -163,27 +163,33 @@ def test_invalid_sampling_settings_are_refused(kw, message):
 
 # ----------------------------------------------------------------------------- keyboard mask
 
-ON, OFF, SHIFT = 3, 131, 259  # NOTE_ON 0, NOTE_OFF 0, TIME_SHIFT 1
+ON, OFF, SHIFT, VELOCITY = 3, 131, 259, 359  # NOTE_ON 0, NOTE_OFF 0, TIME_SHIFT 1, VELOCITY 1
 
 
 def _validity(row):
-    """(stray NOTE_OFFs, re-struck NOTE_ONs, NOTE_ONs outside 21..108, EOS while sounding) of a row,
-    counted by a plain loop over the tokens (independent of the vectorised code under test)."""
+    """(stray NOTE_OFFs, re-struck NOTE_ONs, NOTE_ONs outside 21..108, EOS while sounding, notes
+    of no length) of a row, counted by a plain loop over the tokens (independent of the
+    vectorised code under test)."""
     sounding = [0] * 128
-    stray = restruck = outside = eos_sounding = 0
+    struck_now: set[int] = set()
+    stray = restruck = outside = eos_sounding = instant = 0
     for t in row.tolist():
         if ON <= t < OFF:
             p = t - ON
             restruck += sounding[p] > 0
             outside += not 21 <= p <= 108
             sounding[p] += 1
+            struck_now.add(p)
         elif OFF <= t < SHIFT:
             p = t - OFF
             stray += sounding[p] == 0
+            instant += sounding[p] > 0 and p in struck_now
             sounding[p] = max(0, sounding[p] - 1)
+        elif SHIFT <= t < VELOCITY:
+            struck_now.clear()
         elif t == EOS:
             eos_sounding += any(sounding)
-    return stray, restruck, outside, eos_sounding
+    return stray, restruck, outside, eos_sounding, instant
 
 
 def test_keyboard_mask_starts_from_the_prompt_as_the_decoder_counts():
@@ -200,13 +206,30 @@ def test_keyboard_mask_starts_from_the_prompt_as_the_decoder_counts():
     assert not blocked[ON + 20]  # below it, but the prompt's own pitch widened the range to 10 ...
     assert blocked[ON + 9]  # ... and no further
     assert torch.isinf(KeyboardMask(prompt[:, :4]).apply(torch.zeros(1, V))[0, ON + 20])  # without 10
-    assert not blocked[OFF + 60] and not blocked[OFF + 10] and blocked[OFF + 62] and blocked[OFF + 64]
+    assert not blocked[OFF + 60] and blocked[OFF + 62] and blocked[OFF + 64]
+    assert blocked[OFF + 10]  # sounding, but struck at this very instant: a note of no length
     assert blocked[EOS]  # notes are sounding
     assert not blocked[SHIFT:].any()  # time shifts and velocities are always possible
     mask.update(torch.tensor([OFF + 60]))
     mask.update(torch.tensor([OFF + 10]))
     mask.update(torch.tensor([OFF + 70]))  # stray: changes nothing
     assert mask.sounding.sum() == 0 and not torch.isinf(mask.apply(torch.zeros(1, V))[0, EOS])
+
+
+def test_a_key_struck_at_this_instant_cannot_be_released_until_time_moves():
+    """No note of no length (none in the data), so release mode cannot loop OFF, ON, OFF, ON
+    without time passing."""
+    prompt = torch.tensor([[BOS, ON + 60, SHIFT, ON + 62]])  # 62 struck now, 60 earlier
+    for release in (True, False):
+        mask = KeyboardMask(prompt, release=release)
+        blocked = torch.isinf(mask.apply(torch.zeros(1, V))[0])
+        assert blocked[OFF + 62] and not blocked[OFF + 60] and blocked[ON + 62] and blocked[ON + 60]
+        mask.update(torch.tensor([OFF + 60]))
+        mask.update(torch.tensor([ON + 60]))  # re-attacked at this instant: not releasable either
+        mask.update(torch.tensor([VELOCITY]))  # a velocity does not move time
+        assert torch.isinf(mask.apply(torch.zeros(1, V))[0, [OFF + 60, OFF + 62]]).all()
+        mask.update(torch.tensor([SHIFT + 4]))
+        assert not torch.isinf(mask.apply(torch.zeros(1, V))[0, [OFF + 60, OFF + 62]]).any()
 
 
 def test_release_gives_a_restrikes_probability_to_the_keys_release():
@@ -250,9 +273,9 @@ def test_masked_generation_has_no_impossible_events_and_unmasked_does():
     prompt = torch.full((4, 1), BOS)
     masked = generate(model, prompt, 150, SamplingConfig(), seed=3, stop_at_eos=False)
     free = generate(model, prompt, 150, SamplingConfig(keyboard=False), seed=3, stop_at_eos=False)
-    assert all(_validity(row) == (0, 0, 0, 0) for row in masked)
+    assert all(_validity(row) == (0, 0, 0, 0, 0) for row in masked)
     # An untrained model emits note events at random: the mask is what removed them.
-    stray, restruck, outside, _ = (sum(x) for x in zip(*(_validity(row) for row in free)))
+    stray, restruck, outside, _, _ = (sum(x) for x in zip(*(_validity(row) for row in free)))
     assert stray > 10 and outside > 5
 
 
@@ -266,7 +289,7 @@ def test_masked_generation_is_the_same_with_and_without_the_cache(name, restrike
     a = generate(model, prompt, 60, **kw)
     b = generate(model, prompt, 60, use_cache=False, **kw)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert all(len(x) == 65 and _validity(x) == (0, 0, 0, 0) for x in a)
+    assert all(len(x) == 65 and _validity(x) == (0, 0, 0, 0, 0) for x in a)
 
 
 def test_bad_pitch_range_is_refused():

@@ -229,6 +229,7 @@ def generate_midi(
         stop=_time_limit(tok, time_steps) if time_steps else None,
         precision=precision,
         conditions=conditions,
+        tokenizer=cfg.tokenizer,
     )
     elapsed = time.perf_counter() - t0
     bar.finish()

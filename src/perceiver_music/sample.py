@@ -134,10 +134,12 @@ def sample_next(
 class KeyboardMask:
     """Per batch row, which pitches are sounding, and the events that are impossible given that.
 
-    A NOTE_OFF of a silent pitch, a NOTE_ON of a sounding one, EOS while a note sounds and a
-    NOTE_ON outside the pitch range all have probability zero in performance data (in ASAP's
-    2.85 M training notes: no stray NOTE_OFF, 3 re-struck NOTE_ONs, every pitch in 21..108),
-    so masking them removes only events the decoder would have to repair. The state starts
+    A NOTE_OFF of a silent pitch, a NOTE_ON of a sounding one, EOS while a note sounds, a
+    NOTE_ON outside the pitch range and a NOTE_OFF of a key struck at the same instant (no
+    TIME_SHIFT between: a note of no length) all have probability zero in performance data (in
+    ASAP's 2.85 M training notes: no stray NOTE_OFF, 3 re-struck NOTE_ONs, every pitch in
+    21..108, no note of no length), so masking them removes only events the decoder would have
+    to repair. The state starts
     from the prompt, counted as the decoder counts it, and follows each sampled token; it
     depends only on the tokens, so cached and uncached generation see the same mask.
 
@@ -149,13 +151,27 @@ class KeyboardMask:
     their NOTE_OFFs (a performance ends by releasing them), so a piece can reach its end.
     """
 
-    def __init__(self, prompt: Tensor, pitch_range: tuple[int, int] = PIANO, release: bool = True):
+    def __init__(
+        self,
+        prompt: Tensor,
+        pitch_range: tuple[int, int] = PIANO,
+        release: bool = True,
+        tokenizer: TokenizerConfig | None = None,
+    ):
         self.release = release
+        vocab = Vocab(tokenizer or TokenizerConfig())
+        self.shifts = (vocab.time_shift, vocab.velocity)  # the ids that move time
         B = prompt.shape[0]
         rows = [note_events(row.cpu().numpy(), _LAYOUT) for row in prompt]
         self.sounding = torch.as_tensor(
             np.stack([ev.sounding_at_end() for ev in rows]), dtype=torch.int32, device=prompt.device
         )  # [B, 128]
+        # Keys struck since time last moved: the prompt's NOTE_ONs after its last TIME_SHIFT.
+        self.struck = torch.zeros(B, NUM_PITCHES, dtype=torch.bool, device=prompt.device)
+        for b, row in enumerate(prompt.cpu().numpy()):
+            moved = np.flatnonzero((row >= self.shifts[0]) & (row < self.shifts[1]))
+            tail = row[moved[-1] + 1 :] if len(moved) else row
+            self.struck[b, tail[(tail >= NOTE_ON) & (tail < NOTE_OFF)] - NOTE_ON] = True
         lo, hi = pitch_range
         played = [ev.pitch[ev.on] for ev in rows if ev.on.any()]
         if played:  # a prompt's own pitches are never refused
@@ -167,16 +183,17 @@ class KeyboardMask:
     def apply(self, logits: Tensor) -> Tensor:
         """logits [B, V] with the impossible events at -inf (in place)."""
         sounding = self.sounding > 0  # [B, 128]
+        releasable = sounding & ~self.struck
         if self.release:
             on, off = logits[:, NOTE_ON : NOTE_ON + NUM_PITCHES], logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES]
-            off.copy_(torch.where(sounding, torch.logaddexp(on, off), off))
+            off.copy_(torch.where(releasable, torch.logaddexp(on, off), off))
             # Ending while keys are down: EOS's probability goes to their releases, in proportion
             # to each one's own (each logit + log(1 + p(EOS) / p(releases))).
-            held = off.masked_fill(~sounding, float("-inf")).logsumexp(-1, keepdim=True)  # [B, 1]
+            held = off.masked_fill(~releasable, float("-inf")).logsumexp(-1, keepdim=True)  # [B, 1]
             boost = F.softplus(logits[:, EOS : EOS + 1] - held)
-            off.copy_(torch.where(sounding, off + boost, off))
+            off.copy_(torch.where(releasable, off + boost, off))
         logits[:, NOTE_ON : NOTE_ON + NUM_PITCHES].masked_fill_(sounding | self.outside, float("-inf"))
-        logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES].masked_fill_(~sounding, float("-inf"))
+        logits[:, NOTE_OFF : NOTE_OFF + NUM_PITCHES].masked_fill_(~releasable, float("-inf"))
         logits[:, EOS].masked_fill_(sounding.any(-1), float("-inf"))
         return logits
 
@@ -187,6 +204,9 @@ class KeyboardMask:
         pitch = torch.where(on, token - NOTE_ON, token - NOTE_OFF).clamp(0, NUM_PITCHES - 1)
         count = self.sounding[self.rows, pitch] + on.int() - off.int()
         self.sounding[self.rows, pitch] = count.clamp_min(0)
+        moved = (token >= self.shifts[0]) & (token < self.shifts[1])
+        self.struck &= ~moved[:, None]
+        self.struck[self.rows, pitch] |= on
 
 
 class _Stream:
@@ -375,6 +395,7 @@ def generate(
     precision: str = "auto",
     conditions: Conditions | None = None,
     logits_mask: KeyboardMask | None = None,
+    tokenizer: TokenizerConfig | None = None,
 ) -> list[Tensor]:
     """Continue each row of prompt [B, P] by up to max_new_tokens tokens.
 
@@ -391,13 +412,15 @@ def generate(
     row is computed twice (conditioned and not) in one batch of 2B.
     logits_mask: an object with `apply(logits [B, V])` and `update(tokens [B])`, like
     KeyboardMask, used instead of it (audio codes: audio.codes.CodebookMask).
+    tokenizer: which ids are TIME_SHIFTs, for the keyboard mask (default: conditions' or the
+    default tokenizer's).
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     with autocast(prompt.device, precision):
         return _generate(
             model, prompt, max_new_tokens, sampling, seed, use_cache, refill, stop_at_eos, on_token, stop,
-            conditions, logits_mask,
+            conditions, logits_mask, tokenizer,
         )  # fmt: skip
 
 
@@ -438,6 +461,7 @@ def _generate(
     stop,
     conditions,
     logits_mask,
+    tokenizer,
 ):
     sampling = sampling or SamplingConfig()
     model.eval()
@@ -462,7 +486,8 @@ def _generate(
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     keyboard = logits_mask
     if keyboard is None and sampling.keyboard:
-        keyboard = KeyboardMask(prompt, sampling.pitch_range, release=sampling.restrike == "release")
+        tokenizer = tokenizer or (conditions.tokenizer if conditions is not None else None)
+        keyboard = KeyboardMask(prompt, sampling.pitch_range, sampling.restrike == "release", tokenizer)
     logits = mixed(stream.current)
     for i in range(max_new_tokens):
         token = sample_next(logits, sampling, generator, keyboard)
