@@ -41,6 +41,17 @@ def fake_data(tmp_path, lengths, split="train"):
     return TokenData(tmp_path, split)
 
 
+def assert_padding(w) -> None:
+    """PAD before BOS at the window's left and after EOS at its right, nowhere else."""
+    seq = np.append(w.inputs, w.targets[-1])
+    real = np.flatnonzero(seq != PAD)
+    assert len(real) and np.all(np.diff(real) == 1)  # one run of real tokens
+    if real[0] > 0:
+        assert seq[real[0]] == BOS and w.positions[real[0]] == 0
+    if real[-1] < len(seq) - 1:
+        assert seq[real[-1]] == EOS
+
+
 @pytest.mark.parametrize("segmentation", ["effective", "baseline"])
 def test_windows_are_contiguous_and_never_mix_pieces(tmp_path, segmentation):
     data = fake_data(tmp_path, [40, 7, 300, 120])
@@ -56,16 +67,20 @@ def test_windows_are_contiguous_and_never_mix_pieces(tmp_path, segmentation):
             assert w.inputs.shape == (64,) and w.targets.shape == (16,) and w.positions.shape == (64,)
             piece = np.asarray(data.piece(w.piece), np.int64)
             real = w.inputs != PAD
-            # Padding only on the left, and only where the piece starts inside the window.
-            assert np.all(np.diff(real.astype(int)) >= 0)
-            if (~real).any():
-                assert w.inputs[real][0] == BOS and w.positions[real][0] == 0
+            # Padding on the left only where the piece starts inside the window, on the right
+            # only after its EOS (a window ending past the piece).
+            assert_padding(w)
             start = int(w.positions[real][0])
             assert np.array_equal(w.inputs[real], piece[start : start + real.sum()])
             assert np.array_equal(w.positions[real], np.arange(start, start + real.sum()))
-            # Targets are the inputs shifted by one, within the same piece.
-            end = start + real.sum() + 1  # one past the last target
-            assert np.array_equal(w.targets[w.targets != PAD], piece[max(1, end - 16) : end])
+            # Each latent's target is the token after its input in the same piece; nothing
+            # follows EOS, and a PAD input (before the piece) predicts nothing.
+            latent = np.arange(64 - 16, 64)
+            for i, j in enumerate(latent):
+                if w.inputs[j] == PAD or w.inputs[j] == EOS:
+                    assert w.targets[i] == PAD
+                else:
+                    assert w.targets[i] == piece[w.positions[j] + 1]
 
 
 def test_effective_covers_every_target_including_the_first_event(tmp_path):
@@ -80,13 +95,32 @@ def test_effective_covers_every_target_including_the_first_event(tmp_path):
     covered = {k: set() for k in range(len(lengths))}
     for i in range(4000):
         w = ds[i]
-        real = w.inputs != PAD
-        end = int(w.positions[real][-1]) + 2  # the last target's index + 1
         for j, t in enumerate(w.targets):
-            if t != PAD:
-                covered[w.piece].add(end - 16 + j)
+            if t != PAD:  # the token after latent j's input
+                covered[w.piece].add(int(w.positions[48 - 16 + j]) + 1)
     for k, n in enumerate(lengths):
         assert covered[k] == set(range(1, n)), k  # every token after BOS, index 1 included
+
+
+@pytest.mark.parametrize("length", [2, 5, 16, 17, 40, 300])
+def test_effective_ends_cover_every_target_equally_often(tmp_path, length):
+    """Every token after BOS, the first event and the EOS included, is a target of exactly
+    num_latents of the windows a training end can be drawn for."""
+    from perceiver_music.data.windows import window_ends
+
+    data = fake_data(tmp_path, [length])
+    ds = WindowDataset(data, DataConfig(segmentation="effective", transpose=0, stretch=0), 48, 16, train=True)
+    lo, hi = window_ends(length, "effective", 48, 16)
+    assert ds.counts[0] == hi - lo + 1
+    coverage = np.zeros(length + 16, np.int64)
+    piece = np.asarray(data.piece(0))
+    for end in range(lo, hi + 1):
+        w = ds._window(0, end, None)
+        assert_padding(w)
+        real = np.flatnonzero(w.targets != PAD)
+        coverage[end - 16 + real] += 1
+        assert np.array_equal(w.targets[real], piece[end - 16 + real])
+    assert coverage[0] == 0 and (coverage[1:length] == 16).all() and coverage[length:].sum() == 0
 
 
 def test_baseline_never_targets_the_opening(tmp_path):
@@ -188,8 +222,5 @@ def test_augmented_windows_stay_well_formed(asap_dir, tmp_path):
     ds = WindowDataset(data, DataConfig(transpose=3, stretch=0.05), 256, 64, True, seed=0)
     for i in range(200):
         w = ds[i]
-        real = w.inputs != PAD
-        assert np.all(np.diff(real.astype(int)) >= 0)  # still only left padding
-        if (~real).any():
-            assert w.inputs[real][0] == BOS
+        assert_padding(w)  # augmented alike
         assert w.inputs.max() < V.size and (w.targets != PAD).sum() > 0

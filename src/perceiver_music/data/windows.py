@@ -5,7 +5,12 @@ positions. Windows never cross a piece boundary: a window that reaches a piece's
 left-padded with PAD, and padding is masked out of attention and loss.
 
 * `effective` (PerceiverS, the default): a random END is drawn, so every token of a piece
-  after BOS (its first event included) is a target of some window.
+  after BOS (its first event included) is a target of some window, and each as often as any
+  other: the end is drawn from [2, length + N - 1] (`window_ends`), so a window may end
+  before N targets (left-padded, as a short piece's) or after the piece (right-padded after
+  its EOS). Drawn from the ends of full windows alone, a token k places from either edge of a
+  piece would be a target of only k of the N windows that cover a token inside it: the
+  piece's EOS, the ending a timing-conditioned model is asked for, N times less often.
 * `baseline` (Perceiver AR as usually reimplemented): a random START is drawn, so the first
   `max_len - num_latents` tokens of a piece are never targets.
 
@@ -113,11 +118,11 @@ class Window:
 def window_ends(length: int, segmentation: str, max_len: int, num_latents: int) -> tuple[int, int]:
     """The range [lo, hi] of window ends (exclusive token index) for a piece of `length` tokens.
 
-    A window ending at e has targets tokens[e - num_latents : e] (those at index >= 1) and
-    inputs tokens[e - max_len - 1 : e - 1].
+    A window ending at e has targets tokens[e - num_latents : e] (those at index >= 1 and
+    below length; PAD beyond) and inputs tokens[e - max_len - 1 : e - 1].
     """
-    if segmentation == "effective":
-        return min(length, num_latents + 1), length
+    if segmentation == "effective":  # every target after BOS in exactly num_latents windows
+        return 2, max(2, length + num_latents - 1)
     return min(length, max_len + 1), length  # baseline: the window starts in [0, length - max_len - 1]
 
 
@@ -190,11 +195,14 @@ class WindowDataset:
         tokens = self.data.piece(piece)
         need = self.max_len + 1  # inputs plus the final target
         shift, factor = 0, 1.0
+        past = max(0, end - len(tokens))  # a window past the piece's end: PAD after its EOS
         if rng is None or (cfg.transpose == 0 and cfg.stretch == 0):
-            begin = max(0, end - need)
-            chunk = np.asarray(tokens[begin:end], np.int64)
+            begin = max(0, end - past - need)
+            chunk = np.asarray(tokens[begin : end - past], np.int64)
         else:
-            shift, factor, begin, chunk = self._augmented(tokens, end, need, rng)
+            shift, factor, begin, chunk = self._augmented(tokens, end - past, need, rng)
+        if past:
+            chunk = np.concatenate([chunk, np.full(past, PAD, np.int64)])
         window = self._assemble(piece, end, chunk[-need:])
         if self.conditions is not None:
             self._condition(window, tokens, end, begin, chunk, shift, factor, rng)
