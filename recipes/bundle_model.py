@@ -61,15 +61,17 @@ def _stages(run: Path, steps: int, condition: list[str]) -> str | None:
     stages, end = [], steps
     while (run / "branch.json").is_file():
         record = json.loads((run / "branch.json").read_text())
-        stages.append((record["step"], end, condition))
+        stages.append((record["step"], end, condition, record.get("note")))  # note: what else changed
         end, condition = record["step"], record.get("source_condition", [])
         run = Path(record["source"]).parent.parent
     if not stages:
         return None
-    stages.append((0, end, condition))
+    stages.append((0, end, condition, None))
     parts = [
-        f"steps {a:,}-{b:,} " + ("conditioned on " + ", ".join(c) if c else "unconditioned")
-        for a, b, c in reversed(stages)
+        f"steps {a:,}-{b:,} "
+        + ("conditioned on " + ", ".join(c) if c else "unconditioned")
+        + (f" ({note})" if note else "")
+        for a, b, c, note in reversed(stages)
     ]
     return "- trained in stages (`train --branch`, each adding conditioning as a no-op): " + "; ".join(parts)
 

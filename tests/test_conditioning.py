@@ -270,6 +270,10 @@ def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, 
     stages = _script("recipes/bundle_model.py")._stages(tmp_path / "cond", 8, saved["condition"])
     before = "unconditioned" if source == "[]" else "conditioned on " + source.strip("[]")
     assert f"steps 0-6 {before}; steps 6-8 conditioned on {target.strip('[]')}" in stages
+    record = json.loads((tmp_path / "cond" / "branch.json").read_text())
+    (tmp_path / "cond" / "branch.json").write_text(json.dumps({**record, "note": "new windows"}))
+    again = _script("recipes/bundle_model.py")._stages(tmp_path / "cond", 8, saved["condition"])
+    assert again.endswith(f"steps 6-8 conditioned on {target.strip('[]')} (new windows)")
 
 
 def test_branch_refuses_a_checkpoint_of_another_model(labelled_data, tmp_path):
