@@ -73,7 +73,10 @@ def _stages(run: Path, steps: int, condition: list[str]) -> str | None:
         + (f" ({note})" if note else "")
         for a, b, c, note in reversed(stages)
     ]
-    return "- trained in stages (`train --branch`; conditioning a stage adds starts as a no-op): " + "; ".join(parts)
+    return (
+        "- trained in stages (`train --branch`; conditioning a stage adds starts as a no-op): "
+        + "; ".join(parts)
+    )
 
 
 def _params(run: Path) -> int:
