@@ -385,6 +385,7 @@ def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tm
     audio, sr2 = sf.read(out / "sample_00.wav", dtype="int16")
     assert sr == sr2 == SR and len(audio) == len(original) + SR // 4
     assert np.array_equal(audio[: len(original)], original)  # the prompt, bit for bit
+    assert json.loads((out / "generate.json").read_text())["sampling"]["top_p"] == 1.0  # codes: no nucleus
     assert np.abs(audio[len(original) :]).max() > 0
     run = CodecRun.load(work["codec"])
     codes, _ = run.load_codes(out / "sample_00.codes.npz")

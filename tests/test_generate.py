@@ -221,7 +221,9 @@ def test_without_ckpt_the_bundled_model_is_used(run_dir, tmp_path, monkeypatch, 
     monkeypatch.setattr(checkpoint, "BUNDLED", run_dir / "best")
     out = tmp_path / "bundled"
     assert main(["generate", "--out", str(out), "--tokens", "30", "--quiet", "--no-render"]) == 0
-    assert json.loads((out / "generate.json").read_text())["checkpoint"] == "bundled"
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["checkpoint"] == "bundled"
+    assert settings["sampling"]["top_p"] == 0.95  # MIDI's default nucleus (generate_settings.MIDI_TOP_P)
     TOK.encode(out / "sample_00.mid")
 
 

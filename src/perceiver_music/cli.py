@@ -350,8 +350,9 @@ def _generate_audio(args: argparse.Namespace) -> int:
     if args.prompt is not None and not Path(args.prompt).is_file():
         return _fail(f"{args.prompt}: no such prompt file")
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p, args.min_p, (0, 127))
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, keyboard=False)
+        top_p = 1.0 if args.top_p is None else args.top_p
+        check_sampling(args.temperature, args.top_k, top_p, args.min_p, (0, 127))
+        sampling = SamplingConfig(args.temperature, args.top_k, top_p, args.min_p, keyboard=False)
         result = generate_audio(
             args.ckpt,
             args.out,
@@ -381,10 +382,12 @@ def _generate_audio(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from perceiver_music.generate_settings import ENDING_GRACE, check_generate
+    from perceiver_music.generate_settings import ENDING_GRACE, MIDI_TOP_P, check_generate
 
     if args.ckpt is not None and (Path(args.ckpt) / "priors.json").is_file():  # audio.generate.PRIORS_FILE
         return _generate_audio(args)
+    if args.top_p is None:
+        args.top_p = MIDI_TOP_P
     if args.hop_fraction is not None:
         return _fail("--hop-fraction is for audio upsamplers (--ckpt PRIORS_DIR)")
 
@@ -659,6 +662,8 @@ def _positive_seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from perceiver_music.generate_settings import MIDI_TOP_P  # torch-free, like the rest here
+
     parser = argparse.ArgumentParser(
         prog="perceiver-music",
         description="Long-context music generation with Perceiver AR and PerceiverS.",
@@ -833,7 +838,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument(
+        "--top-p", type=float, default=None, help=f"1: off (default {MIDI_TOP_P} for MIDI, 1 for audio codes)"
+    )
     p.add_argument("--min-p", type=float, default=0.0, help="0: off")
     p.add_argument("--seed", type=int, default=0)
     cond = p.add_argument_group("conditioning (models trained with model.condition)")

@@ -26,6 +26,7 @@ from perceiver_music.checkpoint import load_model
 from perceiver_music.evaluate.validity import TOKENS_SUFFIX
 from perceiver_music.generate_settings import (
     ENDING_GRACE,
+    MIDI_TOP_P,
     check_conditioning,
     check_generate,
     resolve_label,
@@ -162,7 +163,7 @@ def generate_midi(
     A timing-conditioned model in seconds mode is told the length and may run up to
     ENDING_GRACE times it to end the piece.
     """
-    sampling = sampling or SamplingConfig()
+    sampling = sampling or SamplingConfig(top_p=MIDI_TOP_P)
     check_generate(  # before the model loads
         num=num,
         tokens=tokens,

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perceiver_music.generate_settings import MIDI_TOP_P
+
 MAX_VARIATIONS = 4  # the page has this many result slots
 MAX_UPLOAD_MB = 10  # the largest ASAP performance is 0.2 MB; MAESTRO's, 1 MB
 MAX_AUDIO_MB = 100  # a recording prompt: about 10 minutes of CD-quality WAV
@@ -151,7 +153,7 @@ class Job:
     seconds: float = 20.0
     num: int = 1
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = MIDI_TOP_P
     min_p: float = 0.0
     seed: int = 0
     composer: str | None = None
@@ -319,7 +321,7 @@ def build_app(studio: Studio):
                 num = gr.Slider(1, MAX_VARIATIONS, value=2, step=1, label="variations", elem_id="num")
                 with gr.Accordion("sampling", open=True):
                     temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0: greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="top-p (1: off)")
+                    top_p = gr.Slider(0.05, 1.0, value=MIDI_TOP_P, step=0.01, label="top-p (1: off)")
                     min_p = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="min-p (0: off)")
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                 conditioned = bool(info.labels) or info.style
