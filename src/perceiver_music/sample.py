@@ -260,8 +260,7 @@ class _Stream:
         held = np.stack([keyboard_state(row.cpu().numpy(), vocab) for row in prompt])  # [B, P, 128]
         self.keyboard = torch.full((B, total, NUM_PITCHES), -1.0, device=prompt.device)
         self.keyboard[:, :P] = torch.as_tensor(held, device=prompt.device)
-        seconds = vocab.shift_steps(np.arange(self.cfg.vocab_size)) / tokenizer.steps_per_second
-        self.move = torch.as_tensor(seconds, dtype=torch.float64, device=prompt.device)  # [V]
+        self.move = Conditions(tokenizer=tokenizer).token_seconds(self.cfg.vocab_size, prompt.device)  # [V]
         self.now = self.move[prompt].sum(1)  # [B] seconds through the prompt
         last = self.keyboard[:, P - 1].double()
         self.sounding = last >= 0  # [B, 128]

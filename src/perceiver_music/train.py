@@ -35,6 +35,7 @@ import torch.distributed as dist
 from perceiver_music import checkpoint as ckpt_io
 from perceiver_music.config import Config, ConfigError, TrainConfig
 from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
+from perceiver_music.files import atomic_write_text
 from perceiver_music.model import build_model
 from perceiver_music.model.base import autocast, nll_sum
 from perceiver_music.model.conditioning import Cond
@@ -159,7 +160,7 @@ def _write_branch_record(run_dir: Path, source: Path, step: int) -> None:
         "step": step,
         "source_condition": source_cfg.get("model", {}).get("condition", []),
     }
-    (run_dir / "branch.json").write_text(json.dumps(record, indent=1))
+    atomic_write_text(run_dir / "branch.json", json.dumps(record, indent=1))
 
 
 def _setup_distributed() -> tuple[int, int, int]:

@@ -53,12 +53,7 @@ class Cond:
     reference: Tensor | None = None  # [B, R] reference tokens for the style encoder (PAD: none)
     style: Tensor | None = None  # [B, S] style vectors, instead of a reference (generation)
     has_style: Tensor | None = None  # [B] bool: rows whose `style` vector is real (None: all)
-    keyboard: Tensor | None = (
-        None  # [B, L, 128] seconds each pitch has sounded through each position, -1: silent
-    )
-
-    def with_elapsed(self, elapsed: Tensor) -> Cond:
-        return replace(self, elapsed=elapsed)
+    keyboard: Tensor | None = None  # [B, L, 128] seconds each pitch has sounded, -1: silent
 
     def with_positions(self, elapsed: Tensor | None, keyboard: Tensor | None) -> Cond:
         """The per-position conditions of some positions (those the tokens give)."""
