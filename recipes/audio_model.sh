@@ -75,6 +75,7 @@ cat > "$RUNS/priors/priors.json" <<'JSON'
 {"codec": "../codec", "top": "../top", "upsamplers": {"0": "../up0"}}
 JSON
 perceiver-music evaluate --ckpt "$RUNS/priors" --data "$OUT/codes" --split test --out "$RUNS/eval" --quiet
+perceiver-music evaluate --codec "$RUNS/codec" --data "$OUT/data" --split test --out "$RUNS/eval_codec"
 perceiver-music generate --ckpt "$RUNS/priors" --seconds "$SECONDS_OUT" --out "$RUNS/generated"
 # A held-out recording (the first test file), its first 10 s as the prompt, continued for 10 s.
 prompt=$(python - "$OUT" <<'PY'
@@ -120,3 +121,4 @@ perceiver-music evaluate --generated "$RUNS/transcribed/generated" "$RUNS/transc
     "$RUNS/transcribed/test-audio" --names generated,continued,test-audio --reference "$ref" \
     --out "$RUNS/eval_transcribed"
 echo "metric suite of the transcribed audio (test-audio: the ceiling): $RUNS/eval_transcribed/table.md"
+echo "then: python recipes/bundle_audio_model.py copies the codec and priors into the package (generate --audio)"

@@ -36,6 +36,8 @@ from perceiver_music.tokens.performance import BOS, EOS
 from perceiver_music.train import train
 from test_audio_codec import SR, TINY_TRAIN, tones
 
+REPO = Path(__file__).resolve().parents[1]
+
 RVQ = ["codec.quantizer=rvq", "codec.levels=1", "codec.downs_t=[1]", "codec.strides_t=[8]"]
 RVQ += ["codec.multipliers=[1]", "codec.codebooks=3"]
 TINY_PRIOR = [
@@ -472,3 +474,60 @@ def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, caps
         == 2
     )
     assert "priors.json: not a priors file" in capsys.readouterr().err
+
+
+def test_the_bundle_recipe_makes_the_model_generate_audio_uses(work, tmp_path, monkeypatch, capsys):
+    """recipes/bundle_audio_model.py copies the codec and priors of a PRIORS_DIR into the package
+    (checkpoint folders, relative paths) with a card of what was measured; `generate --audio`
+    then samples from it with no --ckpt."""
+    import importlib.util
+
+    from perceiver_music import checkpoint
+    from perceiver_music.audio.generate import priors_likelihood
+
+    spec = importlib.util.spec_from_file_location(
+        "bundle_audio_model", REPO / "recipes" / "bundle_audio_model.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    runs = tmp_path / "runs"
+    write_priors(runs / "priors", str(work["codec"]), str(work["top"]), {0: str(work["up"])})
+    rows = priors_likelihood(runs / "priors", work["codes"], "valid", runs / "eval", progress=False)
+    generate_audio(runs / "priors", runs / "generated", 0.1, seed=1, progress=False)
+    bundle = tmp_path / "bundled_audio"
+    monkeypatch.setattr(recipe, "BUNDLED_AUDIO", bundle)
+    assert recipe.main(["--runs", str(runs), "--data", str(work["root"])]) == 0
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "CC BY-NC-SA 4.0" in card and "| upsampler to level 0 | `up0/` | upsampler," in card
+    assert all(f"{r['nats_per_code']:.4f}" in card for r in rows)  # NLL per level, as measured
+    assert "s of audio per second" in card and (bundle / "generated.png").is_file()
+    assert json.loads((bundle / "priors.json").read_text()) == {
+        "codec": "codec",
+        "top": "top",
+        "upsamplers": {"0": "up0"},
+    }
+    assert (bundle / "top" / "model.safetensors").read_bytes() == (
+        work["top"] / "best" / "model.safetensors"
+    ).read_bytes()
+
+    monkeypatch.setattr(checkpoint, "BUNDLED_AUDIO", bundle)
+    out = tmp_path / "out"
+    assert main(["generate", "--audio", "--seconds", "0.1", "--out", str(out), "--quiet", "--seed", "2"]) == 0
+    assert len(sf.read(out / "sample_00.wav")[0]) == int(0.1 * SR)
+    assert json.loads((out / "generate.json").read_text())["priors"] == str(bundle)
+
+    # What a user is told instead of a traceback.
+    bad = ["generate", "--seconds", "0.1", "--out", str(tmp_path / "o")]
+    assert main([*bad, "--audio", "--ckpt", str(runs / "priors")]) == 2
+    assert "--audio is the bundled audio model" in capsys.readouterr().err
+    assert main([*bad, "--prompt", str(work["wav"] / "p0.wav"), "--no-render"]) == 2  # the MIDI model
+    assert (
+        "a recording, and this model writes MIDI: continue it as audio with --audio"
+        in capsys.readouterr().err
+    )
+    monkeypatch.setattr(checkpoint, "BUNDLED_AUDIO", tmp_path / "nothing")
+    assert main([*bad, "--audio"]) == 2
+    assert "no bundled audio model in this installation" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert recipe.main(["--runs", str(tmp_path / "nothing"), "--data", str(work["root"])]) == 1
+    assert "run recipes/audio_model.sh first" in capsys.readouterr().err

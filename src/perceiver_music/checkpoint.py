@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 STEP_PREFIX = "step_"
 STEP_DIR = re.compile(rf"{STEP_PREFIX}\d+")  # published checkpoints (not .tmp, not .damaged)
 BUNDLED = Path(__file__).resolve().parent / "bundled"  # the default model: weights, config, card
+BUNDLED_AUDIO = BUNDLED / "audio"  # the audio model: a PRIORS_DIR (codec, priors) and its card
 CHECKSUM_KEY = "crc32"  # safetensors metadata: CRC-32 of every tensor's name and bytes
 
 
@@ -375,6 +376,16 @@ def bundled() -> Path:
             "or train one with recipes/default_model.sh"
         )
     return BUNDLED
+
+
+def bundled_audio() -> Path:
+    """The audio model shipped inside the package, a PRIORS_DIR (see bundled/audio/MODEL_CARD.md)."""
+    if not (BUNDLED_AUDIO / "priors.json").is_file():
+        raise FileNotFoundError(
+            f"no bundled audio model in this installation ({BUNDLED_AUDIO}); pass --ckpt PRIORS_DIR, "
+            "or train one with recipes/audio_model.sh"
+        )
+    return BUNDLED_AUDIO
 
 
 def resolve(path: str | os.PathLike | None) -> Path:

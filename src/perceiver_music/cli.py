@@ -384,6 +384,15 @@ def _generate_audio(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from perceiver_music.generate_settings import ENDING_GRACE, MIDI_TOP_P, check_generate
 
+    if args.audio:
+        if args.ckpt is not None:
+            return _fail("--audio is the bundled audio model; give --ckpt PRIORS_DIR without it for another")
+        from perceiver_music.checkpoint import bundled_audio
+
+        try:
+            args.ckpt = str(bundled_audio())
+        except FileNotFoundError as e:
+            return _fail(str(e))
     if args.ckpt is not None and (Path(args.ckpt) / "priors.json").is_file():  # audio.generate.PRIORS_FILE
         return _generate_audio(args)
     if args.top_p is None:
@@ -412,6 +421,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail(str(e))
     if args.prompt is not None and not Path(args.prompt).is_file():
         return _fail(f"{args.prompt}: no such prompt file")
+    from perceiver_music.audio.data import AUDIO_SUFFIXES
+
+    if args.prompt is not None and Path(args.prompt).suffix.lower() in AUDIO_SUFFIXES:
+        return _fail(
+            f"{args.prompt}: a recording, and this model writes MIDI: continue it as audio with --audio "
+            f"(or --ckpt PRIORS_DIR), or as notes after `perceiver-music transcribe {args.prompt} --out DIR`"
+        )
     if (args.prompt_tokens or args.prompt_seconds) and args.prompt is None:
         return _fail("--prompt-tokens / --prompt-seconds need --prompt FILE.mid")
     if problem := _check_conditioning(args):
@@ -816,6 +832,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt",
         help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model); "
         "a PRIORS_DIR (with priors.json) generates audio",
+    )
+    p.add_argument(
+        "--audio",
+        action="store_true",
+        help="generate audio with the bundled audio model (codec and priors) instead of MIDI",
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument(
