@@ -531,3 +531,43 @@ def test_the_bundle_recipe_makes_the_model_generate_audio_uses(work, tmp_path, m
     assert not (tmp_path / "o").exists()
     assert recipe.main(["--runs", str(tmp_path / "nothing"), "--data", str(work["root"])]) == 1
     assert "run recipes/audio_model.sh first" in capsys.readouterr().err
+
+
+def test_the_studio_continues_a_recording_with_an_audio_model(work, tmp_path):
+    """`studio --ckpt PRIORS_DIR` (or --audio): the page's prompt is a recording at the codec's
+    rate, continued as audio; a MIDI file, another rate or too long a length are refused."""
+    import importlib.util
+
+    from perceiver_music.studio import Job, Studio, UploadError, model_info
+
+    info = model_info(work["root"] / "priors")
+    assert info.sample_rate == SR and "level 0: upsampler" in info.card
+    studio = Studio(info, tmp_path / "out", work["root"] / "priors")
+    prompt = work["wav"] / "p0.wav"
+    shown, png = studio.preview(prompt)
+    assert shown.seconds == pytest.approx(1.5) and png.read_bytes()[:4] == b"\x89PNG"
+    result = studio.generate(Job(prompt=prompt, seconds=0.1, num=2, top_p=1.0, seed=1))
+    original, _ = sf.read(prompt, dtype="int16")
+    for wav in result.audio_files:
+        audio, _ = sf.read(wav, dtype="int16")
+        assert len(audio) == len(original) + int(0.1 * SR) and np.array_equal(
+            audio[: len(original)], original
+        )
+    assert result.out_dir.is_relative_to((tmp_path / "out" / "jobs").resolve())
+    midi = tmp_path / "notes.mid"
+    midi.write_bytes(b"MThd")
+    other = tmp_path / "fast.wav"
+    sf.write(other, tones(0.5, 16000), 16000)
+    for job, message in [
+        (Job(prompt=midi, seconds=0.1), "this is an audio model; its prompt is a recording"),
+        (Job(prompt=other, seconds=0.1), f"a recording at 16000 Hz; this model works at {SR} Hz"),
+        (Job(seconds=100), "an audio model generates up to 60 s here"),
+    ]:
+        with pytest.raises((UploadError, ValueError), match=message):
+            studio.generate(job)
+    if importlib.util.find_spec("gradio") is not None:
+        from perceiver_music.studio import build_app
+
+        app = build_app(studio)
+        props = {c["props"].get("elem_id"): c["props"] for c in app.config["components"]}
+        assert ".mid" not in props["prompt"]["file_types"] and props["seconds"]["maximum"] == 60

@@ -653,12 +653,18 @@ def cmd_studio(args: argparse.Namespace) -> int:
     # Found, not imported: the studio sets where Gradio writes before Gradio is imported.
     if importlib.util.find_spec("gradio") is None:
         return _fail("the studio needs Gradio: pip install 'perceiver-music[studio]'", 1)
-    from perceiver_music.checkpoint import CheckpointError
+    from perceiver_music.checkpoint import CheckpointError, bundled_audio
     from perceiver_music.studio import serve
 
     try:
+        if args.audio:
+            if args.ckpt is not None:
+                return _fail(
+                    "--audio is the bundled audio model; give --ckpt PRIORS_DIR without it for another"
+                )
+            args.ckpt = bundled_audio()
         app = serve(args.ckpt, args.out, host=args.host, port=args.port, device=_device(args.device))
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # ValueError: PriorsError
         return _fail(str(e))
     except OSError as e:  # the port is taken, or the address is not this machine's
         return _fail(f"cannot serve on {args.host}:{args.port}: {e}", 1)
@@ -1011,8 +1017,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ckpt",
-        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model)",
+        help="a run folder (its best checkpoint) or a checkpoint folder (default: the bundled model); "
+        "a PRIORS_DIR (with priors.json): an audio model",
     )
+    p.add_argument("--audio", action="store_true", help="the bundled audio model instead of the MIDI one")
     p.add_argument("--port", type=int, default=7860, help="default 7860")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"

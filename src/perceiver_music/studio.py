@@ -32,6 +32,7 @@ MAX_VARIATIONS = 4  # the page has this many result slots
 MAX_UPLOAD_MB = 10  # the largest ASAP performance is 0.2 MB; MAESTRO's, 1 MB
 MAX_AUDIO_MB = 100  # a recording prompt: about 10 minutes of CD-quality WAV
 MAX_STUDIO_SECONDS = 600  # the length slider's end: ten minutes
+MAX_AUDIO_SECONDS = 60  # an audio model's slider: CPU sampling runs well below real time
 INSTALL_HINT = "pip install 'perceiver-music[studio]'"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -59,6 +60,7 @@ class ModelInfo:
     labels: list[str] = field(default_factory=list)  # composers it is conditioned on, if any
     style: bool = False  # whether it takes a style file
     condition: list[str] = field(default_factory=list)  # model.condition: label, timing, style, keyboard
+    sample_rate: int | None = None  # an audio model (a PRIORS_DIR): its codec's rate; None: MIDI
 
 
 def safe_name(name: str, limit: int = 80) -> str:
@@ -96,11 +98,15 @@ def check_midi_upload(path: str | os.PathLike, max_mb: float = MAX_UPLOAD_MB) ->
 
 
 def model_info(ckpt: str | os.PathLike | None) -> ModelInfo:
-    """The checkpoint (None: the bundled model), its card, and the conditioning it takes.
+    """The checkpoint (None: the bundled model), its card, and the conditioning it takes; a
+    PRIORS_DIR is an audio model, its codec and priors checked as `generate` checks them.
 
-    FileNotFoundError or CheckpointError when there is no usable checkpoint there."""
+    FileNotFoundError or CheckpointError when there is no usable checkpoint there, PriorsError
+    for priors that do not fit together."""
     from perceiver_music.checkpoint import read_config, resolve
 
+    if ckpt is not None and (Path(ckpt) / "priors.json").is_file():
+        return _audio_model_info(Path(ckpt))
     folder = resolve(ckpt)
     cfg = read_config(folder / "config.json")
     condition = list(cfg.model.condition)
@@ -109,6 +115,22 @@ def model_info(ckpt: str | os.PathLike | None) -> ModelInfo:
     card_file = folder / "MODEL_CARD.md"
     card = card_file.read_text() if ckpt is None and card_file.is_file() else config_card(folder, cfg)
     return ModelInfo(folder, ckpt is None, card, labels, style, condition)
+
+
+def _audio_model_info(root: Path) -> ModelInfo:
+    from perceiver_music.audio.generate import load_priors
+
+    priors = load_priors(root)
+    card_file = root / "MODEL_CARD.md"
+    if card_file.is_file():
+        card = card_file.read_text()
+    else:
+        rate = priors.codec.cfg.sample_rate
+        lines = [f"## {root.name}", "", f"An audio model: `{root}/priors.json`, a codec at {rate} Hz and", ""]
+        lines += [f"- level {lv.level}: {lv.cfg.model.arch} `{lv.run}`" for lv in priors.levels]
+        lines += ["", "No model card: the licence of the weights is that of the data they were trained on."]
+        card = "\n".join(lines)
+    return ModelInfo(root, False, card, sample_rate=priors.codec.cfg.sample_rate)
 
 
 def config_card(folder: Path, cfg) -> str:
@@ -209,10 +231,43 @@ class Studio:
             self._transcribed[key] = midi
         return midi
 
+    def check_recording(self, upload: str | os.PathLike) -> PromptInfo:
+        """An audio model's prompt: a recording at its codec's rate; else UploadError naming it."""
+        from perceiver_music.audio.data import AUDIO_SUFFIXES, AudioError, audio_info
+
+        path = Path(upload)
+        name = safe_name(path.name)
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            raise UploadError(
+                f"{name}: this is an audio model; its prompt is a recording ({', '.join(AUDIO_SUFFIXES)})"
+            )
+        _check_size(path, name, MAX_AUDIO_MB)
+        try:
+            info = audio_info(path)
+        except AudioError as e:
+            raise UploadError(f"{name}: {e.reason}") from None
+        rate = self.info.sample_rate
+        if info.samplerate != rate:
+            raise UploadError(
+                f"{name}: a recording at {info.samplerate} Hz; this model works at {rate} Hz and keeps the "
+                f"prompt sample for sample: resample it first (e.g. `sox IN -r {rate} OUT.wav`)"
+            )
+        return PromptInfo(path, name, info.frames / info.samplerate, 0, 0)
+
     def preview(self, upload: str | os.PathLike) -> tuple[PromptInfo, Path]:
-        """Check an uploaded prompt (a recording is transcribed first) and draw its piano roll;
-        UploadError if it is refused."""
+        """Check an uploaded prompt (a recording is transcribed first, unless the model is an
+        audio model) and draw its piano roll or spectrogram; UploadError if it is refused."""
         from perceiver_music.render import piano_roll
+
+        if self.info.sample_rate is not None:
+            from perceiver_music.audio.data import read_audio
+            from perceiver_music.audio.evaluate import spectrogram_png
+
+            info = self.check_recording(upload)
+            png = self.new_folder("uploads", Path(info.name).stem) / "prompt.png"
+            audio = read_audio(info.path, self.info.sample_rate)
+            spectrogram_png(png, info.name, audio, [], self.info.sample_rate, label="prompt")
+            return info, png
 
         info = check_midi_upload(self.prompt_midi(upload))
         info.name = safe_name(Path(upload).name)  # the upload's name, even for a recording
@@ -227,6 +282,8 @@ class Studio:
 
         UploadError for a refused prompt or style file, ValueError for a bad setting, and the
         errors of `generate_midi` (MidiError, CheckpointError) as they are."""
+        if self.info.sample_rate is not None:
+            return self._generate_audio(job, on_progress)
         from perceiver_music.generate import generate_midi
         from perceiver_music.generate_settings import check_conditioning, check_generate
         from perceiver_music.sample import SamplingConfig
@@ -284,6 +341,39 @@ class Studio:
             **conditioning,
         )
 
+    def _generate_audio(self, job: Job, on_progress=None):
+        """An audio model's job: the recording continued (or audio from nothing), as
+        `generate --ckpt PRIORS_DIR`; returns its AudioGenerateResult."""
+        from perceiver_music.audio.generate import generate_audio
+        from perceiver_music.generate_settings import check_sampling
+        from perceiver_music.sample import SamplingConfig
+
+        if not 0 < job.seconds <= MAX_AUDIO_SECONDS:
+            raise ValueError(
+                f"an audio model generates up to {MAX_AUDIO_SECONDS} s here, got {job.seconds:g}"
+            )
+        if not 1 <= job.num <= MAX_VARIATIONS:
+            raise ValueError(f"variations must be 1 to {MAX_VARIATIONS}, got {job.num}")
+        check_sampling(job.temperature, 0, job.top_p, job.min_p, (0, 127))
+        prompt = self.check_recording(job.prompt) if job.prompt is not None else None
+        folder = self.new_folder("jobs")
+        if prompt is not None:
+            prompt_copy = folder / f"prompt_{prompt.name}"
+            shutil.copyfile(prompt.path, prompt_copy)
+        if on_progress is not None:
+            on_progress("loading the model")
+        return generate_audio(
+            self.ckpt,
+            folder,
+            job.seconds,
+            prompt=prompt_copy if prompt is not None else None,
+            num=job.num,
+            sampling=SamplingConfig(job.temperature, 0, job.top_p, job.min_p, keyboard=False),
+            seed=job.seed,
+            device=self.device,
+            progress=True,
+        )
+
 
 # ----------------------------------------------------------------------------- the page
 
@@ -298,13 +388,17 @@ def build_app(studio: Studio):
     import gradio as gr
 
     info = studio.info
+    audio_model = info.sample_rate is not None
+    recordings = [".wav", ".flac", ".ogg", ".oga", ".mp3"]
     with gr.Blocks(title="perceiver-music studio", analytics_enabled=False) as app:
         gr.Markdown("# perceiver-music studio")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.File(
-                    label=f"prompt (optional): MIDI up to {MAX_UPLOAD_MB} MB, or a recording to transcribe",
-                    file_types=[".mid", ".midi", ".wav", ".flac", ".ogg", ".oga", ".mp3"],
+                    label=f"prompt (optional): a recording at {info.sample_rate} Hz to continue as audio"
+                    if audio_model
+                    else f"prompt (optional): MIDI up to {MAX_UPLOAD_MB} MB, or a recording to transcribe",
+                    file_types=recordings if audio_model else [".mid", ".midi", *recordings],
                     elem_id="prompt",
                 )
                 prompt_status = gr.Markdown(
@@ -316,12 +410,15 @@ def build_app(studio: Studio):
                     visible=False, elem_id="keep",
                 )  # fmt: skip
                 seconds = gr.Slider(
-                    1, MAX_STUDIO_SECONDS, value=20, step=1, label="length (seconds)", elem_id="seconds"
-                )
+                    1, MAX_AUDIO_SECONDS if audio_model else MAX_STUDIO_SECONDS, value=5 if audio_model else 20,
+                    step=1, label="length (seconds)", elem_id="seconds",
+                )  # fmt: skip
                 num = gr.Slider(1, MAX_VARIATIONS, value=2, step=1, label="variations", elem_id="num")
                 with gr.Accordion("sampling", open=True):
                     temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0: greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=MIDI_TOP_P, step=0.01, label="top-p (1: off)")
+                    top_p = gr.Slider(
+                        0.05, 1.0, value=1.0 if audio_model else MIDI_TOP_P, step=0.01, label="top-p (1: off)"
+                    )
                     min_p = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="min-p (0: off)")
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                 conditioned = bool(info.labels) or info.style
@@ -352,7 +449,7 @@ def build_app(studio: Studio):
                             interactive=False,
                         )
                         files = gr.File(
-                            label="MIDI and WAV",
+                            label="WAV and codes" if audio_model else "MIDI and WAV",
                             file_count="multiple",
                             interactive=False,
                             elem_id=f"files-{i}",
@@ -375,6 +472,9 @@ def build_app(studio: Studio):
                 gr.Warning(str(e))
                 return f"**Refused:** {e}", gr.update(value=None, visible=False), gr.update(visible=False)
             top = max(1.0, round(p.seconds, 1))
+            if audio_model:  # the whole recording is continued: no notes, nothing to cut
+                text = f"**{p.name}**: {p.seconds:.1f} s of audio; the recording is continued as audio."
+                return text, gr.update(value=str(png), visible=True), gr.update(visible=False)
             text = f"**{p.name}**: {p.seconds:.1f} s, {p.notes:,} notes ({p.tokens:,} tokens)."
             if p.path != Path(upload):
                 text += " Transcribed from the recording; the piece continues these notes."
@@ -426,6 +526,19 @@ def _results(studio: Studio, job: Job, on_progress) -> list:
         result = studio.generate(job, on_progress)
     except (UploadError, ValueError, MidiError, CheckpointError, FileNotFoundError) as e:
         raise gr.Error(str(e), print_exception=False) from None
+    if studio.info.sample_rate is not None:  # an AudioGenerateResult
+        lines = [
+            f"**{len(result.audio_files)} recording(s)** of {result.seconds:g} s in {time.perf_counter() - t0:.1f} s "
+            f"({result.speed:.3f} s of audio per second), written to `{result.out_dir}`."
+        ]
+        values = ["\n".join(lines)]
+        for i in range(MAX_VARIATIONS):
+            if i >= len(result.audio_files):
+                values += [gr.update(visible=False), None, None, None]
+                continue
+            wav, codes = str(result.audio_files[i]), str(result.codes_files[i])
+            values += [gr.update(visible=True), str(result.images[i]), wav, [wav, codes]]
+        return values
     why = {
         "eos": "ended itself",
         "seconds": "reached the length",
