@@ -17,7 +17,7 @@ import torch
 
 from perceiver_music.checkpoint import load_model
 from perceiver_music.cli import main
-from perceiver_music.config import PrepareConfig, TrainConfig, load_config
+from perceiver_music.config import ConfigError, PrepareConfig, TrainConfig, load_config
 from perceiver_music.data.prepare import prepare
 from perceiver_music.train import learning_rate, train
 
@@ -90,6 +90,19 @@ def test_learning_rate_schedule():
     lrs = [learning_rate(s, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
+
+
+def test_wsd_schedule_holds_the_rate_then_decays_linearly_over_the_last_steps():
+    cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd", decay_steps=20)
+    assert learning_rate(5, cfg) == pytest.approx(6e-4)  # warmup as for cosine
+    assert [learning_rate(s, cfg) for s in (10, 50, 80)] == pytest.approx([1e-3] * 3)
+    assert learning_rate(90, cfg) == pytest.approx(5.5e-4)
+    assert learning_rate(100, cfg) == pytest.approx(1e-4)
+    # The held part does not depend on where the run will end: extending it changes nothing before.
+    longer = TrainConfig(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd", decay_steps=20)
+    assert [learning_rate(s, longer) for s in range(80)] == [learning_rate(s, cfg) for s in range(80)]
+    with pytest.raises(ConfigError, match="decay_steps"):
+        TrainConfig(steps=100, schedule="wsd", decay_steps=200)
 
 def test_train_writes_logs_checkpoints_and_learns(data_dir, tmp_path):
     cfg = load_config(

@@ -168,6 +168,8 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 500
+    schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: see train.learning_rate
+    decay_steps: int = 0  # wsd: the last steps, decayed linearly from lr to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -207,6 +209,8 @@ class TrainConfig:
             raise ConfigError("train.lr must be positive and train.min_lr in [0, lr]")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.eval_windows < 1:
             raise ConfigError("train.warmup_steps and grad_clip must be >= 0, eval_windows >= 1")
+        if not 0 <= self.decay_steps <= self.steps:
+            raise ConfigError(f"train.decay_steps must be in [0, train.steps={self.steps}]")
         for name in ("label_dropout", "timing_dropout", "style_dropout", "condition_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} must be in [0, 1]")

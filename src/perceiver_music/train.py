@@ -62,9 +62,16 @@ class TrainResult:
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `steps`."""
+    """Linear warmup to `lr`, then to `min_lr` at `steps`: by a cosine (schedule=cosine), or held at
+    `lr` until the last `decay_steps` and then linearly (schedule=wsd: warmup-stable-decay)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        # A run held at lr can be extended at will; a short decay branched off it (--branch with
+        # train.steps=S+D train.decay_steps=D) gives a finished model at any point along the way.
+        start = max(cfg.warmup_steps, cfg.steps - cfg.decay_steps)
+        progress = min(1.0, max(0.0, (step - start) / max(1, cfg.steps - start)))
+        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
