@@ -276,6 +276,23 @@ def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, 
     assert again.endswith(f"steps 6-8 conditioned on {target.strip('[]')} (new windows)")
 
 
+def test_a_decay_branched_off_a_held_run_continues_it_exactly(labelled_data, tmp_path):
+    """schedule=wsd: a run held at its rate, and a decay branched off it at step 6, whose first
+    step is the held run's own and whose rate then falls to min_lr; the card names the decay."""
+    held = [*TINY, "train.schedule=wsd", "train.warmup_steps=2", "train.lr=1e-3", "train.min_lr=1e-4"]
+    train(load_config("debug", [*held, "train.steps=8"]), labelled_data, tmp_path / "held", progress=False)
+    cfg = load_config("debug", [*held, "train.steps=10", "train.decay_steps=4"])
+    train(cfg, labelled_data, tmp_path / "decay", progress=False, branch=tmp_path / "held" / "checkpoints" / "step_0000006")
+    rows = lambda run: map(json.loads, (run / "log.jsonl").read_text().splitlines())
+    log = lambda run: {r["step"]: r for r in rows(run) if r["kind"] == "train"}
+    a, b = log(tmp_path / "held"), log(tmp_path / "decay")
+    assert b[7]["loss"] == a[7]["loss"] and b[7]["lr"] == a[7]["lr"] == 1e-3
+    lrs = [b[s]["lr"] for s in range(7, 11)]
+    assert all(x > y for x, y in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-4, abs=3e-4)
+    stages = _script("recipes/bundle_model.py")._stages(tmp_path / "decay", 10, [])
+    assert stages.endswith("steps 6-10 unconditioned (learning rate decayed linearly to 0.0001 over steps 6-10)")
+
+
 def test_branch_refuses_a_checkpoint_of_another_model(labelled_data, tmp_path):
     from perceiver_music.checkpoint import CheckpointError
 

@@ -155,8 +155,9 @@ def window_conditions(cfg: Config) -> Conditions | None:
     )
 
 
-def _write_branch_record(run_dir: Path, source: Path, step: int) -> None:
-    """branch.json: where a branched run started (its model card tells the stages apart)."""
+def _write_branch_record(run_dir: Path, source: Path, step: int, t: TrainConfig) -> None:
+    """branch.json: where a branched run started and, for a decay branched off a held (wsd) run,
+    over which steps its rate decayed (its model card tells the stages apart)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     source_run = source.parent.parent
     source_cfg = (
@@ -167,6 +168,9 @@ def _write_branch_record(run_dir: Path, source: Path, step: int) -> None:
         "step": step,
         "source_condition": source_cfg.get("model", {}).get("condition", []),
     }
+    if t.schedule == "wsd" and t.decay_steps:
+        start = max(step, t.steps - t.decay_steps)
+        record["note"] = f"learning rate decayed linearly to {t.min_lr:g} over steps {start:,}-{t.steps:,}"
     atomic_write_text(run_dir / "branch.json", json.dumps(record, indent=1))
 
 
@@ -455,7 +459,7 @@ def train(
         log_rows = _read_log(source.parent.parent, upto=step)
         if main_process:
             print(f"branched from {source} at step {step}")
-            _write_branch_record(run_dir, source, step)
+            _write_branch_record(run_dir, source, step, t)
     if resume and latest is None and main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     if latest is not None:
