@@ -101,6 +101,24 @@ def _nll_row(name: str, ev: Path, model: str) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+def _buckets(ev: Path, model: str) -> list[str]:
+    """NLL by position in the piece, valid and test side by side."""
+    rows = {split: _json(ev / f"{model}-{split}" / "likelihood.json") for split in ("valid", "test")}
+    if any(r is None for r in rows.values()):
+        return []
+    lines = [
+        "",
+        "By position in the piece (nats/token; tokens scored in each bucket):",
+        "",
+        "| tokens | valid | test |",
+        "| --- | ---: | ---: |",
+    ]
+    for a, b in zip(rows["valid"]["buckets"], rows["test"]["buckets"]):
+        cell = lambda r: f"{r['nats_per_token']:.4f} ({r['tokens']:,})" if r["tokens"] else "-"
+        lines.append(f"| {a['label']} | {cell(a)} | {cell(b)} |")
+    return lines
+
+
 def _difference(ev: Path) -> list[str]:
     """One sentence per split: how much lower (better) PerceiverS's NLL is than the baseline's."""
     out = []
@@ -169,7 +187,8 @@ def _conditioning(ev: Path, m: dict) -> list[str]:
 def card(runs: Path, data: Path, hardware: str) -> str:
     main, base = runs / "perceivers", runs / "perceiver_ar"
     ev = runs / "eval"
-    t, tb = _training(main), _training(base)
+    t = _training(main)
+    tb = _training(base) if (base / "config.json").is_file() else None  # the baseline is optional
     m = t["config"]["model"]
     d = t["config"]["data"]
     tr = t["config"]["train"]
@@ -216,7 +235,13 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         f"- cross-attention scales {m['scales']} ({m['scale_mode']} windows), "
         f"segmentation `{d['segmentation']}`",
         f"- dropout {m['dropout']}, prefix dropout {m['prefix_dropout']}",
-        f"- AdamW, lr {tr['lr']} (warm-up {tr['warmup_steps']} steps, cosine to {tr['min_lr']}), "
+        f"- AdamW, lr {tr['lr']} (warm-up {tr['warmup_steps']} steps, "
+        + (
+            f"then held, and a linear decay to {tr['min_lr']}), "
+            if tr.get("schedule") == "wsd"
+            else f"cosine to {tr['min_lr']}), "
+        )
+        + f"weight decay {tr['weight_decay']}, "
         f"batch {tr['batch_size']} windows, seed {tr['seed']}",
         f"- {t['steps']:,} steps, {t['tokens'] / 1e6:.1f} M target tokens, {t['hours']:.2f} h on {hardware}",
         *filter(None, [_stages(main, t["steps"], m.get("condition", []))]),
@@ -231,19 +256,27 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         "## Results on the held-out ASAP pieces",
         "",
         "Every token of every held-out piece scored with the model's full context (stride = latents),",
-        "`perceiver-music evaluate --ckpt ... --data data/asap --split valid|test`. The baseline is a",
-        "Perceiver AR (one full cross-attention, baseline segmentation) trained with the same recipe,",
-        f"data and seed ({tb['steps']:,} steps, {tb['hours']:.2f} h"
-        + (
-            f"; a smaller budget than this model's {t['steps']:,}, so compare with care)."
-            if tb["steps"] < t["steps"]
-            else ", the same budget)."
-        ),
+        "`perceiver-music evaluate --ckpt ... --data data/asap --split valid|test`.",
+    ]
+    if tb:
+        lines += [
+            "The baseline is a Perceiver AR (one full cross-attention, baseline segmentation) trained",
+            f"with the same recipe, data and seed ({tb['steps']:,} steps, {tb['hours']:.2f} h"
+            + (
+                f"; a smaller budget than this model's {t['steps']:,}, so compare with care)."
+                if tb["steps"] < t["steps"]
+                else ", the same budget)."
+            ),
+        ]
+    else:
+        lines += ["No Perceiver AR baseline was trained beside this model: its CPU time went to this model."]
+    lines += [
         "",
         "| model | valid NLL nats/token | valid, tokens 1-1,023 | test NLL nats/token | test, tokens 1-1,023 |",
         "| --- | ---: | ---: | ---: | ---: |",
         _nll_row("PerceiverS (this model)", ev, "perceivers"),
-        _nll_row("Perceiver AR baseline", ev, "perceiver_ar"),
+        *([_nll_row("Perceiver AR baseline", ev, "perceiver_ar")] if tb else []),
+        *_buckets(ev, "perceivers"),
         "",
         *_difference(ev),
         "",

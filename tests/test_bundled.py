@@ -75,9 +75,15 @@ def test_bundle_recipe_writes_weights_and_a_card_with_the_measured_figures(tiny_
     assert (tmp_path / "bundled" / "model.safetensors").read_bytes() == (
         runs / "perceivers" / "best" / "model.safetensors"
     ).read_bytes()
+    assert "| 0-1,023 | " in card  # NLL by position, valid and test
     monkeypatch.setattr(checkpoint, "BUNDLED", tmp_path / "bundled")
     model, cfg = checkpoint.load_model(None)
     assert cfg.model.width == 32
+    # Without a baseline run the card says none was trained, rather than failing or inventing one.
+    shutil.rmtree(runs / "perceiver_ar")
+    assert recipe.main(["--runs", str(runs), "--data", str(tiny_run / "data")]) == 0
+    card = (tmp_path / "bundled" / "MODEL_CARD.md").read_text()
+    assert "No Perceiver AR baseline was trained" in card and "| Perceiver AR baseline |" not in card
 
 
 def test_bundle_recipe_refuses_a_missing_run(tmp_path, capsys):
