@@ -9,6 +9,8 @@
 #   BASELINE_STEPS=4000 bash ...                  # the baseline on a smaller budget (the card says so)
 #   OLD=runs/old_bundled bash ...                 # also measure the model being replaced (validity table)
 #   UNCOND=runs/x bash ...                        # a conditioned model's unconditioned twin (same budget)
+#   MAIN=runs/bundle/decay_2000 bash ...          # evaluate a model trained elsewhere (recipes/bundle_run.sh)
+#   BASELINE=0 SETTINGS=0 COND_BENCH=0 bash ...   # skip the baseline, the sampling settings, the steering benches
 #
 # Runs on CPU or on a GPU when one is visible (train.precision=auto uses bf16 there).
 # When it is done, `python recipes/bundle_model.py runs/default/perceivers` copies the weights
@@ -25,6 +27,10 @@ OLD=${OLD:-}
 UNCOND=${UNCOND:-}
 THREADS=${THREADS:-}
 PARALLEL=${PARALLEL:-0}
+MAIN=${MAIN:-}
+BASELINE=${BASELINE:-1}
+SETTINGS=${SETTINGS:-1}
+COND_BENCH=${COND_BENCH:-1}
 
 bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
@@ -45,7 +51,15 @@ run() {  # name, steps, overrides...
         > "$OUT/$name.log" 2>&1
 }
 mkdir -p "$OUT"
-if [ "$PARALLEL" = 1 ]; then
+if [ -n "$MAIN" ]; then  # trained elsewhere: evaluate it as it is
+    ln -sfn "$(realpath "$MAIN")" "$OUT/perceivers"
+    last=$(ls "$MAIN/checkpoints" | tail -1)
+    STEPS=$((10#${last#step_}))
+fi
+models=(perceivers); [ "$BASELINE" = 1 ] && models+=(perceiver_ar)
+if [ "$BASELINE" = 0 ]; then
+    run perceivers "$STEPS"
+elif [ "$PARALLEL" = 1 ]; then
     run perceivers "$STEPS" & a=$!
     run perceiver_ar "$BASELINE_STEPS" 'model.scales=[full]' data.segmentation=baseline & b=$!
     wait $a; wait $b
@@ -60,7 +74,9 @@ likelihood() {  # name
         perceiver-music evaluate --ckpt "$OUT/$1" --data "$DATA" --split "$split" --out "$OUT/eval/$1-$split" --quiet
     done
 }
-if [ "$PARALLEL" = 1 ]; then
+if [ "$BASELINE" = 0 ]; then
+    likelihood perceivers
+elif [ "$PARALLEL" = 1 ]; then
     likelihood perceivers & a=$!
     likelihood perceiver_ar & b=$!
     wait $a; wait $b
@@ -72,7 +88,7 @@ fi
 # The metric suite: SAMPLES unconditioned pieces from each model against the test performances.
 SAMPLES=${SAMPLES:-16}
 SAMPLE_TOKENS=${SAMPLE_TOKENS:-2048}
-for name in perceivers perceiver_ar; do
+for name in "${models[@]}"; do
     perceiver-music generate --ckpt "$OUT/$name" --out "$OUT/samples/$name" --num "$SAMPLES" \
         --tokens "$SAMPLE_TOKENS" --seed 1 --quiet --no-render
 done
@@ -86,11 +102,13 @@ for i, piece in enumerate(p for p in meta["pieces"] if p["split"] == "test"):
     if not os.path.lexists(link):
         os.symlink(os.path.join(meta["source"], piece["path"]), link)
 PY
-perceiver-music evaluate --generated "$OUT/samples/perceivers" "$OUT/samples/perceiver_ar" \
-    --names PerceiverS,PerceiverAR --reference "$OUT/reference-test" --out "$OUT/eval/sets"
+names=PerceiverS; [ "$BASELINE" = 1 ] && names=PerceiverS,PerceiverAR
+perceiver-music evaluate --generated "${models[@]/#/$OUT/samples/}" \
+    --names "$names" --reference "$OUT/reference-test" --out "$OUT/eval/sets"
 
 # Sampling settings for the card: the same PerceiverS, four settings, the same comparison.
 settings=("temperature-1.0:--temperature 1.0" "temperature-0.9:--temperature 0.9" "top-p-0.95:--top-p 0.95" "top-p-0.9:--top-p 0.9")
+[ "$SETTINGS" = 1 ] || settings=()
 dirs=()
 for entry in "${settings[@]}"; do
     name=${entry%%:*}
@@ -99,7 +117,8 @@ for entry in "${settings[@]}"; do
         --tokens "$SAMPLE_TOKENS" --seed 1 --quiet --no-render ${entry#*:}
     dirs+=("$OUT/sampling/$name")
 done
-perceiver-music evaluate --generated "${dirs[@]}" --reference "$OUT/reference-test" --out "$OUT/eval/sampling" --no-plots
+[ "$SETTINGS" = 1 ] && perceiver-music evaluate --generated "${dirs[@]}" --reference "$OUT/reference-test" \
+    --out "$OUT/eval/sampling" --no-plots
 
 # Event validity as a listener meets it: 8 pieces of 45 s with generate's defaults (the keyboard
 # mask on, re-strikes released), with the mask dropping re-strikes instead, and without the mask,
@@ -118,7 +137,7 @@ perceiver-music evaluate --generated "${validity[@]}" --names "$(IFS=,; echo "${
     --reference "$OUT/reference-test" --out "$OUT/eval/validity" --no-plots
 
 # A conditioned model (model.condition): what each condition is worth, and whether it steers.
-if python -c "import json,sys; sys.exit(0 if json.load(open('$OUT/perceivers/config.json'))['model']['condition'] else 1)"; then
+if [ "$COND_BENCH" = 1 ] && python -c "import json,sys; sys.exit(0 if json.load(open('$OUT/perceivers/config.json'))['model']['condition'] else 1)"; then
     python bench/conditioning.py --ckpt "$OUT/perceivers" --data "$DATA" --split test \
         ${UNCOND:+--baseline "$UNCOND"} --out "$OUT/eval/conditioning/conditioning.json"
     python bench/conditioning_music.py composers --ckpt "$OUT/perceivers" --data "$DATA" --source "$ASAP" \

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The bundled model's long run: a PerceiverS conditioned on composer, length, style and the keys
+# sounding, trained on ASAP by two processes (one per core) under a warmup-stable-decay schedule.
+# The rate is held until the last DECAY steps, so the run resumes and extends across sessions, and
+# a finished model can be branched off any checkpoint with a short decay of its own.
+#
+#   bash recipes/bundle_run.sh                 # start, or resume, the held run (runs/bundle/full)
+#   DECAY=400 bash recipes/bundle_run.sh decay # branch a decay off its latest checkpoint:
+#                                              #   runs/bundle/decay_<step>, DECAY steps more
+#
+# Then evaluate and bundle the decayed model:
+#   MAIN=runs/bundle/decay_<step> OUT=runs/final DATA=data/asap-exact BASELINE=0 bash recipes/default_model.sh
+#   python recipes/bundle_model.py --runs runs/final --data data/asap-exact
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ASAP=${ASAP:-../shared/data/asap}
+DATA=${DATA:-data/asap-exact}
+RUN=${RUN:-runs/bundle/full}
+STEPS=${STEPS:-18000}  # about 37 M target tokens: three passes over ASAP train
+DECAY=${DECAY:-1800}
+PROCS=${PROCS:-2}
+
+bash scripts/setup.sh >/dev/null
+. .venv/bin/activate
+perceiver-music prepare "$ASAP" --out "$DATA"
+
+recipe=(--config asap_cpu --data "$DATA" 'model.condition=[label, timing, style, keyboard]'
+        train.batch_size=$((8 / PROCS)) train.schedule=wsd train.eval_every=600 train.eval_windows=192
+        train.ckpt_every=250 train.seed=0)
+launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train)
+export OMP_NUM_THREADS=1
+
+if [ "${1:-train}" = decay ]; then
+    last=$(ls "$RUN/checkpoints" | tail -1)
+    step=$((10#${last#step_}))
+    out=runs/bundle/decay_$step
+    resume=(); [ -e "$out/config.json" ] && resume=(--resume)
+    [ -e "$out/config.json" ] || resume=(--branch "$RUN/checkpoints/$last")
+    exec "${launch[@]}" "${recipe[@]}" --out "$out" "${resume[@]}" \
+        train.steps=$((step + DECAY)) train.decay_steps="$DECAY"
+fi
+resume=(); [ -e "$RUN/config.json" ] && resume=(--resume)
+exec "${launch[@]}" "${recipe[@]}" --out "$RUN" "${resume[@]}" train.steps="$STEPS" train.decay_steps="$DECAY"
