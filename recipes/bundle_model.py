@@ -344,8 +344,20 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         "## Retrain",
         "",
         "```bash",
-        "bash recipes/default_model.sh                # prepare ASAP, train both models, evaluate them",
-        "python recipes/bundle_model.py               # copy the PerceiverS weights here, rewrite this card",
+        *(
+            [
+                "bash recipes/bundle_run.sh                   # the held run (resumes where it stopped)",
+                "DECAY=400 bash recipes/bundle_run.sh decay   # a finished model off its latest checkpoint",
+                "MAIN=runs/bundle/decay_STEP OUT=runs/final DATA=data/asap-exact BASELINE=0 \\",
+                "    bash recipes/default_model.sh            # evaluate it",
+                "python recipes/bundle_model.py --runs runs/final --data data/asap-exact",
+            ]
+            if tr.get("schedule") == "wsd"
+            else [
+                "bash recipes/default_model.sh                # prepare ASAP, train both models, evaluate them",
+                "python recipes/bundle_model.py               # copy the PerceiverS weights here, rewrite this card",
+            ]
+        ),
         "```",
         "",
         "`STEPS=...` changes the budget; on a GPU the same recipe trains in bf16. A larger model:",

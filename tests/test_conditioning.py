@@ -282,7 +282,13 @@ def test_a_decay_branched_off_a_held_run_continues_it_exactly(labelled_data, tmp
     held = [*TINY, "train.schedule=wsd", "train.warmup_steps=2", "train.lr=1e-3", "train.min_lr=1e-4"]
     train(load_config("debug", [*held, "train.steps=8"]), labelled_data, tmp_path / "held", progress=False)
     cfg = load_config("debug", [*held, "train.steps=10", "train.decay_steps=4"])
-    train(cfg, labelled_data, tmp_path / "decay", progress=False, branch=tmp_path / "held" / "checkpoints" / "step_0000006")
+    train(
+        cfg,
+        labelled_data,
+        tmp_path / "decay",
+        progress=False,
+        branch=tmp_path / "held" / "checkpoints" / "step_0000006",
+    )
     rows = lambda run: map(json.loads, (run / "log.jsonl").read_text().splitlines())
     log = lambda run: {r["step"]: r for r in rows(run) if r["kind"] == "train"}
     a, b = log(tmp_path / "held"), log(tmp_path / "decay")
@@ -290,7 +296,9 @@ def test_a_decay_branched_off_a_held_run_continues_it_exactly(labelled_data, tmp
     lrs = [b[s]["lr"] for s in range(7, 11)]
     assert all(x > y for x, y in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-4, abs=3e-4)
     stages = _script("recipes/bundle_model.py")._stages(tmp_path / "decay", 10, [])
-    assert stages.endswith("steps 6-10 unconditioned (learning rate decayed linearly to 0.0001 over steps 6-10)")
+    assert stages.endswith(
+        "steps 6-10 unconditioned (learning rate decayed linearly to 0.0001 over steps 6-10)"
+    )
 
 
 def test_branch_refuses_a_checkpoint_of_another_model(labelled_data, tmp_path):

@@ -91,7 +91,6 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-
 def test_wsd_schedule_holds_the_rate_then_decays_linearly_over_the_last_steps():
     cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd", decay_steps=20)
     assert learning_rate(5, cfg) == pytest.approx(6e-4)  # warmup as for cosine
@@ -103,6 +102,7 @@ def test_wsd_schedule_holds_the_rate_then_decays_linearly_over_the_last_steps():
     assert [learning_rate(s, longer) for s in range(80)] == [learning_rate(s, cfg) for s in range(80)]
     with pytest.raises(ConfigError, match="decay_steps"):
         TrainConfig(steps=100, schedule="wsd", decay_steps=200)
+
 
 def test_train_writes_logs_checkpoints_and_learns(data_dir, tmp_path):
     cfg = load_config(
