@@ -128,9 +128,11 @@ for model in new ${OLD:+old}; do
     ckpt="$OUT/perceivers"; [ "$model" = old ] && ckpt=$OLD
     for mode in masked drop free; do
         flag=(); [ "$mode" = free ] && flag=(--no-keyboard-mask); [ "$mode" = drop ] && flag=(--restrike drop)
+        validity+=("$OUT/validity/$model-$mode") names+=("$model-$mode")
+        # The replaced model does not change: its pieces from an earlier run of the recipe stand.
+        [ "$model" = old ] && [ -f "$OUT/validity/$model-$mode/generate.json" ] && continue
         perceiver-music generate --ckpt "$ckpt" --out "$OUT/validity/$model-$mode" --num 8 --seconds 45 \
             --seed 5 --quiet --no-render "${flag[@]}"
-        validity+=("$OUT/validity/$model-$mode") names+=("$model-$mode")
     done
 done
 perceiver-music evaluate --generated "${validity[@]}" --names "$(IFS=,; echo "${names[*]}")" \
