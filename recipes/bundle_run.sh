@@ -32,7 +32,7 @@ launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train
 export OMP_NUM_THREADS=1
 
 if [ "${1:-train}" = decay ]; then
-    last=$(ls "$RUN/checkpoints" | tail -1)
+    last=$(ls "$RUN/checkpoints" | grep -E '^step_[0-9]+$' | tail -1)  # not .tmp, not .damaged
     step=$((10#${last#step_}))
     out=runs/bundle/decay_$step
     resume=(); [ -e "$out/config.json" ] && resume=(--resume)

@@ -53,7 +53,7 @@ run() {  # name, steps, overrides...
 mkdir -p "$OUT"
 if [ -n "$MAIN" ]; then  # trained elsewhere: evaluate it as it is
     ln -sfn "$(realpath "$MAIN")" "$OUT/perceivers"
-    last=$(ls "$MAIN/checkpoints" | tail -1)
+    last=$(ls "$MAIN/checkpoints" | grep -E '^step_[0-9]+$' | tail -1)
     STEPS=$((10#${last#step_}))
 fi
 models=(perceivers); [ "$BASELINE" = 1 ] && models+=(perceiver_ar)
