@@ -5,8 +5,8 @@
 # a finished model can be branched off any checkpoint with a short decay of its own.
 #
 #   bash recipes/bundle_run.sh                 # start, or resume, the held run (runs/bundle/full)
-#   DECAY=400 bash recipes/bundle_run.sh decay # branch a decay off its latest checkpoint:
-#                                              #   runs/bundle/decay_<step>, DECAY steps more
+#   DECAY=400 bash recipes/bundle_run.sh decay # branch a decay off its latest checkpoint (or
+#                                              #   STEP=N's): runs/bundle/decay_<step>, DECAY steps more
 #
 # Then evaluate and bundle the decayed model:
 #   MAIN=runs/bundle/decay_<step> OUT=runs/final DATA=data/asap-exact BASELINE=0 bash recipes/default_model.sh
@@ -33,6 +33,7 @@ export OMP_NUM_THREADS=1
 
 if [ "${1:-train}" = decay ]; then
     last=$(ls "$RUN/checkpoints" | grep -E '^step_[0-9]+$' | tail -1)  # not .tmp, not .damaged
+    [ -n "${STEP:-}" ] && last=step_$(printf %07d "$STEP")  # STEP=N: off that checkpoint instead
     step=$((10#${last#step_}))
     out=runs/bundle/decay_$step
     resume=(); [ -e "$out/config.json" ] && resume=(--resume)
