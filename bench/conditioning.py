@@ -11,7 +11,10 @@ augmentation), the conditioned model's NLL (nats/token):
 * composer: the true one / none / a wrong one (the next label in the model's list);
 * style: from another part of the same piece / from a window of another piece / none;
 * timing: the piece's true total length / none;
-* everything true.
+* everything true;
+* and, for a timing-conditioned model, P(EOS) at the true end of every piece of the split
+  (the window whose last target is its EOS), told the piece's length and not: whether the model
+  has learned to end at all, before `conditioning_music.py endings` asks it to.
 
 Expected when conditioning works: true < none < wrong for the composer, own < none and own <
 other for the style, true < none for the length.
@@ -116,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = total / count
             print(f"{label:22s} {results[label]:.4f} nats/token")
 
+    eos_at_end = None
+    if m.conditioned_on("timing") and len(data):
+        eos_at_end = _eos_at_end(model, ds, data, args.batch)
+        for k, v in eos_at_end.items():
+            if k != "pieces":
+                print(f"P(EOS) at the end, {k}: mean {v['mean']:.3f}, median {v['median']:.3f}")
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -127,10 +137,35 @@ def main(argv: list[str] | None = None) -> int:
         "targets": count,
         "nll": {k: round(v, 5) for k, v in results.items()},
         "bits": {k: round(v / math.log(2), 5) for k, v in results.items()},
+        "eos_at_end": eos_at_end,
     }
     out.write_text(json.dumps(record, indent=1))
     print(f"written: {out}")
     return 0
+
+
+def _eos_at_end(model, ds, data, batch_size: int) -> dict:
+    """P(EOS) where each piece ends, told its true length and told nothing."""
+    from perceiver_music.tokens.performance import EOS
+    from perceiver_music.train import batch_cond, collate
+
+    ends = [ds.window(i, int(data.index[i, 1])) for i in range(len(data))]
+    probs: dict[str, list[float]] = {"told the length": [], "not told": []}
+    with torch.no_grad():
+        for i in range(0, len(ends), batch_size):
+            batch = collate(ends[i : i + batch_size])
+            assert bool((batch["targets"][:, -1] == EOS).all()), "the last target of each window is its EOS"
+            c = batch_cond(batch)
+            none = replace(
+                c, label=torch.zeros_like(c.label), total=torch.zeros_like(c.total), reference=None
+            )
+            for name, cond in (("told the length", replace(none, total=c.total)), ("not told", none)):
+                logits = model(batch["inputs"], batch["positions"], cond=cond)  # [B, N, V]
+                probs[name] += torch.softmax(logits[:, -1].float(), -1)[:, EOS].tolist()
+    out: dict = {"pieces": len(ends)}
+    for name, values in probs.items():
+        out[name] = {"mean": round(float(np.mean(values)), 5), "median": round(float(np.median(values)), 5)}
+    return out
 
 
 def _other_piece_order(piece_ids: np.ndarray) -> np.ndarray:

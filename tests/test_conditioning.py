@@ -434,6 +434,9 @@ def test_the_conditioning_bench_measures_every_condition_and_the_card_shows_it(
         "style: other piece",
     ]
     assert set(told) <= set(record["nll"])
+    eos = record["eos_at_end"]  # the model is timing-conditioned: P(EOS) where each piece ends
+    assert eos["pieces"] == len(TokenData(labelled_data, "valid")) > 0
+    assert all(0 < eos[k]["mean"] < 1 and 0 < eos[k]["median"] < 1 for k in ("told the length", "not told"))
     # The baseline's row names its budget: the fixture's run trained 2 steps.
     assert [k for k in record["nll"] if k.startswith("unconditioned")] == ["unconditioned baseline (2 steps)"]
     assert all(np.isfinite(v) for v in record["nll"].values())

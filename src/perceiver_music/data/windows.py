@@ -190,6 +190,11 @@ class WindowDataset:
         end = int(self._lo[piece] + rng.integers(self.counts[piece]))
         return self._window(piece, end, rng)
 
+    def window(self, piece: int, end: int) -> Window:
+        """The window of `piece` whose last target is token end - 1, as validation sees it (no
+        augmentation, nothing dropped): end = the piece's length ends on its EOS."""
+        return self._window(piece, end, None)
+
     def _window(self, piece: int, end: int, rng: np.random.Generator | None) -> Window:
         cfg = self.cfg
         tokens = self.data.piece(piece)
