@@ -74,7 +74,7 @@ def _stages(run: Path, steps: int, condition: list[str]) -> str | None:
         for a, b, c, note in reversed(stages)
     ]
     return (
-        "- trained in stages (`train --branch`; conditioning a stage adds starts as a no-op): "
+        "- trained in stages (`train --branch`; conditioning added by a stage starts as a no-op): "
         + "; ".join(parts)
     )
 
@@ -177,6 +177,15 @@ def _conditioning(ev: Path, m: dict) -> list[str]:
             "| --- | ---: |",
             *[f"| {k} | {v:.4f} |" for k, v in nll["nll"].items()],
         ]
+        eos = nll.get("eos_at_end")
+        if eos:
+            told, not_told = eos["told the length"], eos["not told"]
+            lines += [
+                "",
+                f"P(EOS) at the true end of the {eos['pieces']} {nll['split']} pieces: mean {told['mean']:.3f} "
+                f"(median {told['median']:.3f}) told the length, {not_told['mean']:.3f} "
+                f"({not_told['median']:.3f}) not told.",
+            ]
     for name in ("composers", "endings", "style"):
         path = ev / "conditioning" / f"{name}.md"
         if path.is_file():
@@ -242,7 +251,13 @@ def card(runs: Path, data: Path, hardware: str) -> str:
             else f"cosine to {tr['min_lr']}), "
         )
         + f"weight decay {tr['weight_decay']}, "
-        f"batch {tr['batch_size']} windows, seed {tr['seed']}",
+        f"batch {tr['batch_size']} windows"
+        + (
+            f" per process x {t['best'].get('world_size', 1)} processes"
+            if t["best"].get("world_size", 1) > 1
+            else ""
+        )
+        + f", seed {tr['seed']}",
         f"- {t['steps']:,} steps, {t['tokens'] / 1e6:.1f} M target tokens, {t['hours']:.2f} h on {hardware}",
         *filter(None, [_stages(main, t["steps"], m.get("condition", []))]),
         f"- best validation NLL during training (sampled windows): {t['best']['val_nll']:.4f} nats/token "
@@ -293,9 +308,10 @@ def card(runs: Path, data: Path, hardware: str) -> str:
             f"{sets['sets'][names[0]]['pieces']} unconditioned pieces from each model ({_sampling(runs)}), "
             f"compared with the {sets['sets']['reference']['pieces']} test performances by",
             "`perceiver-music evaluate --generated ... --reference ...` (the full table, distances, plots",
-            "and repetition figures are in runs/default/eval/sets after the recipe). The generated pieces",
+            f"and repetition figures are in {runs}/eval/sets after the recipe). The generated pieces",
             "are short and the performances whole, so the whole-piece counts (NC, PCTM, NLTM) are far from",
-            "the reference for both models: compare the two models' columns with each other.",
+            "the reference"
+            + (" for both models: compare the two models' columns with each other." if tb else "."),
             "",
             *table_one(sets),
         ]
