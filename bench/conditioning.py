@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def variant(batch, piece_ids, name):
         c = batch_cond(batch)
-        none = replace(c, label=torch.zeros_like(c.label), total=torch.zeros_like(c.total), reference=None)
+        none = _told_nothing(c)
         if name == "nothing":
             return none
         if name == "all true":
@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _told_nothing(c):
+    """The windows' conditions with no label, no length and no style (elapsed time and the keys
+    down stay: they come from the tokens)."""
+    return replace(c, label=torch.zeros_like(c.label), total=torch.zeros_like(c.total), reference=None)
+
+
 def _eos_at_end(model, ds, data, batch_size: int) -> dict:
     """P(EOS) where each piece ends, told its true length and told nothing."""
     from perceiver_music.tokens.performance import EOS
@@ -156,9 +162,7 @@ def _eos_at_end(model, ds, data, batch_size: int) -> dict:
             batch = collate(ends[i : i + batch_size])
             assert bool((batch["targets"][:, -1] == EOS).all()), "the last target of each window is its EOS"
             c = batch_cond(batch)
-            none = replace(
-                c, label=torch.zeros_like(c.label), total=torch.zeros_like(c.total), reference=None
-            )
+            none = _told_nothing(c)
             for name, cond in (("told the length", replace(none, total=c.total)), ("not told", none)):
                 logits = model(batch["inputs"], batch["positions"], cond=cond)  # [B, N, V]
                 probs[name] += torch.softmax(logits[:, -1].float(), -1)[:, EOS].tolist()

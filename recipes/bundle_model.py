@@ -51,6 +51,7 @@ def _training(run: Path) -> dict:
         * t.get("grad_accum", 1)
         * cfg["model"]["num_latents"]
         * world,
+        "world": world,
         "best": best,
         "config": cfg,
     }
@@ -252,11 +253,7 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         )
         + f"weight decay {tr['weight_decay']}, "
         f"batch {tr['batch_size']} windows"
-        + (
-            f" per process x {t['best'].get('world_size', 1)} processes"
-            if t["best"].get("world_size", 1) > 1
-            else ""
-        )
+        + (f" per process x {t['world']} processes" if t["world"] > 1 else "")
         + f", seed {tr['seed']}",
         f"- {t['steps']:,} steps, {t['tokens'] / 1e6:.1f} M target tokens, {t['hours']:.2f} h on {hardware}",
         *filter(None, [_stages(main, t["steps"], m.get("condition", []))]),

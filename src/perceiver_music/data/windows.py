@@ -182,7 +182,7 @@ class WindowDataset:
     def __getitem__(self, i: int) -> Window:
         if not self.train:
             piece, end = self._val[i]
-            return self._window(int(piece), int(end), None)
+            return self.window(int(piece), int(end))
         if len(self._cum) == 0:
             raise IndexError("no pieces in this split")
         rng = np.random.default_rng([self.seed, int(i)])
