@@ -29,7 +29,10 @@ bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
 perceiver-music prepare "$ASAP" --out "$DATA"
 
+# timing_remaining tells the time left, and end_windows trains on endings 3-4 times as often as
+# the data holds them: both for pieces that end at the length asked for (bench/conditioning_music.py endings)
 recipe=(--config asap_cpu --data "$DATA" 'model.condition=[label, timing, style, keyboard]'
+        model.timing_remaining=true data.end_windows=0.05
         train.batch_size=$((8 / PROCS)) train.schedule=wsd train.eval_every=600 train.eval_windows=192
         train.ckpt_every=250 train.seed=0 train.precision=$PRECISION)
 launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver_music.config import DataConfig, ModelConfig, PrepareConfig, TokenizerConfig, load_config
+from perceiver_music.config import ConfigError, DataConfig, ModelConfig, PrepareConfig, TokenizerConfig, load_config
 from perceiver_music.data.prepare import prepare
 from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
 from perceiver_music.model import build_model
@@ -149,6 +149,26 @@ def test_a_new_conditioned_model_computes_what_the_unconditioned_one_does(name):
         )
 
 
+def test_the_time_left_resolves_the_last_seconds_of_a_piece():
+    """Two moments in the fraction's last bucket (the last 1/64 of a 650 s piece, 10 s) and in
+    one elapsed bucket: timing alone cannot tell them apart, the time left can; past the end
+    counts as at it."""
+    from perceiver_music.model.conditioning import Conditioner
+
+    elapsed = torch.tensor([[641.0, 649.9, 650.0, 660.0]])
+    cond = Cond(total=torch.tensor([650.0]), elapsed=elapsed)
+    for remaining in (False, True):
+        cfg = ModelConfig(vocab_size=V, width=32, heads=4, condition=["timing"], timing_remaining=remaining)
+        conditioner = Conditioner(cfg)
+        out = conditioner(cond, 1, 4, "cpu")[0]  # [4, D]
+        assert remaining != torch.allclose(out[0], out[1])
+        assert torch.equal(out[2], out[3])  # at the end and past it: the same
+        conditioner.zero_outputs()
+        assert torch.count_nonzero(conditioner(cond, 1, 4, "cpu")) == 0  # starts as a no-op
+    with pytest.raises(ConfigError, match="timing_remaining"):
+        ModelConfig(condition=["label"], timing_remaining=True)
+
+
 def _forced_with_time(g, rows, steps):
     """Random tokens with plenty of TIME_SHIFTs, so the elapsed time moves."""
     forced = torch.randint(3, V, (rows, steps), generator=g)
@@ -157,9 +177,10 @@ def _forced_with_time(g, rows, steps):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-@pytest.mark.parametrize("condition", [["label"], ["timing"], ["style"], ["keyboard"], ALL])
+@pytest.mark.parametrize("condition", [["label"], ["timing"], ["style"], ["keyboard"], ALL, "remaining"])
 def test_cached_logits_equal_the_reference_under_conditioning(name, condition):
-    model = tiny(condition, **ARCHS[name])
+    remaining = condition == "remaining"  # all of them, the time left included
+    model = tiny(ALL if remaining else condition, timing_remaining=remaining, **ARCHS[name])
     g = torch.Generator().manual_seed(7)
     prompt = _forced_with_time(g, 2, 13)
     prompt[:, 0] = BOS
@@ -231,13 +252,14 @@ TINY = [
 
 
 @pytest.mark.parametrize(
-    "source, target, learns",
+    "source, target, learns, extra",
     [
-        ("[]", "[label, timing, style]", "label"),
-        ("[label, timing, style]", "[label, timing, style, keyboard]", "keyboard"),
+        ("[]", "[label, timing, style]", "label", []),
+        ("[label, timing, style]", "[label, timing, style, keyboard]", "keyboard", []),
+        ("[label, timing]", "[label, timing]", "remaining", ["model.timing_remaining=true"]),
     ],
 )
-def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, source, target, learns):
+def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, source, target, learns, extra):
     """The branch's first step is the source run's own next step (the conditioning it adds
     starts as a no-op and the windows are the same); then it learns its conditioning."""
     whole = train(
@@ -247,7 +269,7 @@ def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, 
         progress=False,
     )
     assert whole.step == 8
-    cfg = load_config("debug", [*TINY, "train.steps=8", f"model.condition={target}"])
+    cfg = load_config("debug", [*TINY, "train.steps=8", f"model.condition={target}", *extra])
     train(
         cfg,
         labelled_data,

@@ -49,6 +49,9 @@ def test_yaml_file_and_overrides(tmp_path):
         (["tokenizer.steps_per_second=3"], "must divide 1000"),
         (["model.max_len"], "not of the form"),
         (["data=3"], "expected a mapping"),
+        (["data.end_windows=1"], "data.end_windows must be in"),
+        (["data.end_windows=0.1", "data.segmentation=baseline"], "needs data.segmentation=effective"),
+        (["model.timing_remaining=true"], "timing_remaining is part of timing"),
     ],
 )
 def test_bad_overrides_name_the_problem(overrides, message):

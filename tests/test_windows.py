@@ -123,6 +123,25 @@ def test_effective_ends_cover_every_target_equally_often(tmp_path, length):
     assert coverage[0] == 0 and (coverage[1:length] == 16).all() and coverage[length:].sum() == 0
 
 
+def test_end_windows_draw_that_share_of_windows_ending_their_piece(tmp_path):
+    """data.end_windows: that share of training windows hold their piece's EOS among the
+    targets, at every target position (none learns to end); the others are the plain draws."""
+    data = fake_data(tmp_path, [300, 500, 40])
+    plain = WindowDataset(data, DataConfig(transpose=0, stretch=0), 48, 16, train=True, seed=3)
+    ending = WindowDataset(data, DataConfig(transpose=0, stretch=0, end_windows=0.5), 48, 16, train=True, seed=3)
+    n = 400
+    with_eos = lambda ds: [i for i in range(n) if EOS in ds[i].targets]
+    assert len(with_eos(plain)) < 0.15 * n  # an EOS in 16 of ~850 windows' targets
+    ended = with_eos(ending)
+    assert 0.45 * n < len(ended) < 0.7 * n
+    where = {int(np.flatnonzero(ending[i].targets == EOS)[0]) for i in ended}
+    assert len(where) > 10  # spread over the targets
+    for i in range(n):
+        assert_padding(ending[i])
+    same = [i for i in range(n) if np.array_equal(ending[i].inputs, plain[i].inputs)]
+    assert len(same) > 0.3 * n  # the windows not redrawn are those of a run without it
+
+
 def test_baseline_never_targets_the_opening(tmp_path):
     data = fake_data(tmp_path, [200])
     cfg = (

@@ -85,10 +85,18 @@ class DataConfig:
     segmentation: Literal["effective", "baseline"] = "effective"
     transpose: int = 3  # augmentation: uniform shift in [-transpose, transpose] semitones
     stretch: float = 0.05  # augmentation: time factor uniform in [1 - stretch, 1 + stretch]
+    # Share of training windows drawn among those whose targets hold their piece's EOS (effective
+    # segmentation): each piece ends once in ~10k tokens, too rarely for a model asked for a
+    # length to learn how music ends.
+    end_windows: float = 0.0
 
     def __post_init__(self) -> None:
         if self.transpose < 0 or not 0 <= self.stretch < 1:
             raise ConfigError("data.transpose must be >= 0 and data.stretch in [0, 1)")
+        if not 0 <= self.end_windows < 1:
+            raise ConfigError("data.end_windows must be in [0, 1)")
+        if self.end_windows and self.segmentation != "effective":
+            raise ConfigError("data.end_windows needs data.segmentation=effective (baseline windows end inside pieces)")
 
 
 @dataclass
@@ -121,6 +129,9 @@ class ModelConfig:
     condition: list[Literal["label", "timing", "style", "keyboard"]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # label names; empty: the data's, at train time
     timing_bins: int = 64  # range-embedding buckets of each timing quantity
+    # timing also tells the time left (log-spaced, so fine near the end, where the fraction's
+    # last bucket spans a 64th of the piece: seconds of a long one)
+    timing_remaining: bool = False
     style_len: int = 512  # reference tokens the style encoder reads
     style_width: int = 128
     style_layers: int = 2
@@ -147,6 +158,8 @@ class ModelConfig:
             raise ConfigError("model.labels must be distinct, non-empty names")
         if self.timing_bins < 2 or self.style_len < 1 or self.style_layers < 1:
             raise ConfigError("model.timing_bins must be >= 2, style_len and style_layers >= 1")
+        if self.timing_remaining and not self.conditioned_on("timing"):
+            raise ConfigError("model.timing_remaining is part of timing: add timing to model.condition")
         if self.style_width % 4:
             raise ConfigError("model.style_width must be a multiple of 4 (its attention heads)")
 

@@ -14,6 +14,10 @@ left-padded with PAD, and padding is masked out of attention and loss.
 * `baseline` (Perceiver AR as usually reimplemented): a random START is drawn, so the first
   `max_len - num_latents` tokens of a piece are never targets.
 
+`data.end_windows` draws that share of windows among those whose targets hold their piece's
+EOS instead (the EOS at any target position, so no position learns to end): a piece ends once
+in thousands of tokens, too rarely for a model told a length to learn how music ends.
+
 Window i of a training set is drawn from an RNG seeded by (seed, i), so the stream is the
 same on every run and a resumed run continues exactly where it stopped. Validation windows
 tile every target of every piece exactly once, in a fixed order, without augmentation.
@@ -188,6 +192,10 @@ class WindowDataset:
         rng = np.random.default_rng([self.seed, int(i)])
         piece = int(np.searchsorted(self._cum, rng.integers(self._cum[-1]), side="right"))
         end = int(self._lo[piece] + rng.integers(self.counts[piece]))
+        # (no draw at all without end_windows: the stream stays that of runs before it)
+        if self.cfg.end_windows and rng.random() < self.cfg.end_windows:
+            length = int(self.data.index[piece, 1])  # targets tokens[end - N : end] hold the EOS
+            end = max(2, length + int(rng.integers(self.num_latents)))
         return self._window(piece, end, rng)
 
     def window(self, piece: int, end: int) -> Window:

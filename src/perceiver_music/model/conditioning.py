@@ -12,6 +12,8 @@ sampler knows as it goes, so cached generation stays exact.
 * timing (Jukebox's total length, offset and fraction): range embeddings of the piece's total
   length, of the time elapsed at the position, and of their ratio. Bucket 0 is "unknown": a
   total left out (timing dropout, or generation without a length) leaves the fraction unknown.
+  With `timing_remaining`, also of the time left (total - elapsed), log-spaced like elapsed:
+  a countdown that resolves the last seconds, where a piece's ending is played.
 * style (the Transformer autoencoder): a small bidirectional Transformer over a reference
   performance's tokens, mean-pooled over its positions to one vector (`StyleEncoder`), then
   projected; a row without a reference gets a learned "no style" vector.
@@ -121,6 +123,7 @@ class Conditioner(nn.Module):
             self.total = nn.Embedding(bins + 1, D)
             self.elapsed = nn.Embedding(bins + 1, D)
             self.fraction = nn.Embedding(bins + 1, D)
+            self.remaining = nn.Embedding(bins + 1, D) if cfg.timing_remaining else None
         if cfg.conditioned_on("style"):
             self.style_encoder = StyleEncoder(cfg)
             self.style_proj = nn.Linear(cfg.style_width, D)
@@ -132,7 +135,7 @@ class Conditioner(nn.Module):
         """Start as a no-op (called after the model's own initialisation)."""
         outputs = [
             getattr(self, name, None)
-            for name in ("label", "total", "elapsed", "fraction", "style_proj", "keyboard")
+            for name in ("label", "total", "elapsed", "fraction", "remaining", "style_proj", "keyboard")
         ]
         with torch.no_grad():
             for module in outputs:
@@ -167,12 +170,16 @@ class Conditioner(nn.Module):
             total = cond.total if cond.total is not None else torch.zeros(batch, device=device)
             if cond.elapsed is None:
                 elapsed_b = torch.zeros(batch, length, dtype=torch.long, device=device)
-                frac_b = elapsed_b
+                frac_b = left_b = elapsed_b
             else:
                 elapsed = cond.elapsed[:, -length:]
                 elapsed_b, frac_b = log_bucket(elapsed, bins), fraction_bucket(elapsed, total, bins)
+                # past the end (generation only) counts as its last bucket
+                left_b = torch.where((total > 0)[:, None], log_bucket(total[:, None] - elapsed, bins), 0)
             total_b = torch.where(total > 0, log_bucket(total, bins), 0)
             out = out + self.total(total_b)[:, None] + self.elapsed(elapsed_b) + self.fraction(frac_b)
+            if self.remaining is not None:
+                out = out + self.remaining(left_b)
         if self.cfg.conditioned_on("style"):
             vectors, present = self.style_vectors(cond, batch, device)
             styled = torch.where(present[:, None], self.style_proj(vectors.to(out.dtype)), self.no_style)
