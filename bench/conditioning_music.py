@@ -10,8 +10,9 @@
   test: Liszt has no test pieces in ASAP). Steering works when each row's highest value is on
   the diagonal.
 * endings: `num` pieces per target length told to a timing-conditioned model; the share that
-  end with EOS within +-15 % of the target (and, with --baseline, of an unconditioned model's
-  pieces under the same `--seconds`).
+  end with EOS within +-15 % of the target; the same for the same model not told the length
+  (under the same limit, 1.25 x the target) and, with --baseline, for an unconditioned model's
+  pieces under the same `--seconds`.
 * style: `refs` held-out performances of different composers as references; `num` pieces with
   `--style X` each, compared with every reference cut into 20 s excerpts (the metric suite
   needs a set on each side). Style works when each row is closest to its own reference.
@@ -109,22 +110,26 @@ def cmd_endings(args) -> dict:
 
     out = Path(args.out)
     rows = {}
-    models = {"conditioned (told the length)": args.ckpt}
+    models = [("conditioned (told the length)", args.ckpt, True, "cond")]  # label, ckpt, told, folder
+    if not args.no_untold:  # the same model, its timing left out as in training's dropout
+        models.append(("the same model, not told the length", args.ckpt, False, "untold"))
     if args.baseline:
         steps = trained_steps(args.baseline)
-        models["unconditioned baseline" + ("" if steps is None else f" ({steps:,} steps)")] = args.baseline
+        label = "unconditioned baseline" + ("" if steps is None else f" ({steps:,} steps)")
+        models.append((label, args.baseline, True, "base"))
     md = [
         "## Endings: pieces that end (EOS) within +-15 % of the length asked for",
         "",
         "| model | target | ended in range | durations (s) |",
         "|---|---:|---:|---|",
     ]
-    for label, ckpt in models.items():
+    for label, ckpt, told, kind in models:
         for target in args.targets:
-            folder = out / "endings" / f"{'cond' if ckpt == args.ckpt else 'base'}_{target:g}"
+            folder = out / "endings" / f"{kind}_{target:g}"
             r = generate_midi(
-                ckpt, folder, num=args.num, seconds=target, seed=args.seed, render=False, progress=False
-            )
+                ckpt, folder, num=args.num, seconds=target, seed=args.seed, render=False, progress=False,
+                tell_length=told,
+            )  # fmt: skip
             ok = [why == "eos" and abs(s - target) <= 0.15 * target for why, s in zip(r.stopped, r.seconds)]
             rows[f"{label} @ {target:g}"] = {
                 "stopped": r.stopped,
@@ -214,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["composers"].add_argument(
         "--composers", nargs="+", default=["Beethoven", "Chopin", "Liszt", "Schubert"]
     )
-    sub.choices["endings"].add_argument("--baseline")
+    sub.choices["endings"].add_argument("--baseline", help="an unconditioned model to compare")
+    sub.choices["endings"].add_argument(
+        "--no-untold", action="store_true", help="skip the same model not told the length"
+    )
     sub.choices["endings"].add_argument("--targets", type=float, nargs="+", default=[60.0, 180.0])
     sub.choices["style"].add_argument("--refs", type=int, default=4)
     args = p.parse_args(argv)

@@ -367,6 +367,19 @@ def test_generate_with_composer_style_guidance_and_a_length(conditioned_run, lab
     assert mixed.generated_tokens == [20]
 
 
+def test_the_endings_bench_compares_told_and_untold_under_one_limit(conditioned_run, tmp_path):
+    bench = _script("bench/conditioning_music.py")
+    out = tmp_path / "bench"
+    assert bench.main(["endings", "--ckpt", str(conditioned_run), "--out", str(out), "--num", "2", "--targets", "2"]) == 0
+    told = json.loads((out / "endings" / "cond_2" / "generate.json").read_text())
+    untold = json.loads((out / "endings" / "untold_2" / "generate.json").read_text())
+    assert told["total_seconds_told"] == pytest.approx(2.0) and untold["total_seconds_told"] == 0.0
+    assert set(untold["stopped"]) <= {"eos", "grace"}  # the same limit: 1.25 x the target, not cut at it
+    rows = json.loads((out / "endings.json").read_text())["rows"]
+    assert set(rows) == {"conditioned (told the length) @ 2", "the same model, not told the length @ 2"}
+    assert "| the same model, not told the length | 2 s |" in (out / "endings.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -145,6 +145,7 @@ def generate_midi(
     composer: str | None = None,
     style: str | os.PathLike | np.ndarray | None = None,
     guidance: float = 1.0,
+    tell_length: bool = True,
 ) -> GenerateResult:
     """Generate `num` pieces and write them as MIDI into out_dir (see the module docstring).
 
@@ -161,7 +162,8 @@ def generate_midi(
     composer, style (a MIDI file, or a vector from `style_embedding`), guidance: conditioning,
     for a model trained with it (classifier-free guidance: 1 conditioned only, 0 unconditioned).
     A timing-conditioned model in seconds mode is told the length and may run up to
-    ENDING_GRACE times it to end the piece.
+    ENDING_GRACE times it to end the piece; tell_length=False keeps the length from it (as
+    timing dropout does in training) under the same limit, to see what being told is worth.
     """
     sampling = sampling or SamplingConfig(top_p=MIDI_TOP_P)
     check_generate(  # before the model loads
@@ -207,7 +209,7 @@ def generate_midi(
             )
         conditions = Conditions(
             label=resolve_label(m.labels, composer) if composer else 0,
-            total_seconds=start + prompt_steps / sps + seconds if timed else 0.0,
+            total_seconds=start + prompt_steps / sps + seconds if timed and tell_length else 0.0,
             style=style_vec,
             guidance=guidance,
             start_seconds=start,  # a prompt cut from a piece starts that far into it
