@@ -155,7 +155,7 @@ def _conditioning(ev: Path, m: dict) -> list[str]:
         return []
     kinds = {
         "label": "composer",
-        "timing": "length (total, elapsed, fraction)",
+        "timing": "length (total, elapsed, fraction" + (", time left)" if m.get("timing_remaining") else ")"),
         "style": "style of a reference",
         "keyboard": "the keys sounding after each token and for how long (from the tokens: never asked for)",
     }
@@ -244,7 +244,10 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         f"({size_mb:.1f} MB, float32 safetensors)",
         f"- cross-attention scales {m['scales']} ({m['scale_mode']} windows), "
         f"segmentation `{d['segmentation']}`",
-        f"- dropout {m['dropout']}, prefix dropout {m['prefix_dropout']}",
+        f"- dropout {m['dropout']}, prefix dropout {m['prefix_dropout']}"
+        + (f"; {d['end_windows']:.0%} of training windows end their piece" if d.get("end_windows") else ""),
+        f"- training precision {tr.get('precision', 'auto')}"
+        + (" (autocast: float32 weights, bfloat16 matrix products)" if tr.get("precision") == "bf16" else ""),
         f"- AdamW, lr {tr['lr']} (warm-up {tr['warmup_steps']} steps, "
         + (
             f"then held, and a linear decay to {tr['min_lr']}), "
@@ -373,7 +376,7 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         ),
         "```",
         "",
-        "`STEPS=...` changes the budget; on a GPU the same recipe trains in bf16. A larger model:",
+        "`STEPS=...` changes the budget; on a GPU, or a CPU with bf16 units, the same recipe trains in bf16. A larger model:",
         "`perceiver-music train --config asap_cpu model.width=512 model.layers=8 ...`.",
         "",
         "## Limitations",
