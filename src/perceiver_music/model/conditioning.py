@@ -174,7 +174,7 @@ class Conditioner(nn.Module):
             else:
                 elapsed = cond.elapsed[:, -length:]
                 elapsed_b, frac_b = log_bucket(elapsed, bins), fraction_bucket(elapsed, total, bins)
-                # past the end (generation only) counts as its last bucket
+                # past the end (only generation gets there) counts as at it: 0 s left
                 left_b = torch.where((total > 0)[:, None], log_bucket(total[:, None] - elapsed, bins), 0)
             total_b = torch.where(total > 0, log_bucket(total, bins), 0)
             out = out + self.total(total_b)[:, None] + self.elapsed(elapsed_b) + self.fraction(frac_b)
