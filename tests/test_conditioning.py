@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver_music.config import ConfigError, DataConfig, ModelConfig, PrepareConfig, TokenizerConfig, load_config
+from perceiver_music.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    PrepareConfig,
+    TokenizerConfig,
+    load_config,
+)
 from perceiver_music.data.prepare import prepare
 from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
 from perceiver_music.model import build_model
@@ -259,7 +266,9 @@ TINY = [
         ("[label, timing]", "[label, timing]", "remaining", ["model.timing_remaining=true"]),
     ],
 )
-def test_a_run_branches_into_a_conditioned_one_exactly(labelled_data, tmp_path, source, target, learns, extra):
+def test_a_run_branches_into_a_conditioned_one_exactly(
+    labelled_data, tmp_path, source, target, learns, extra
+):
     """The branch's first step is the source run's own next step (the conditioning it adds
     starts as a no-op and the windows are the same); then it learns its conditioning."""
     whole = train(
@@ -370,7 +379,12 @@ def test_generate_with_composer_style_guidance_and_a_length(conditioned_run, lab
 def test_the_endings_bench_compares_told_and_untold_under_one_limit(conditioned_run, tmp_path):
     bench = _script("bench/conditioning_music.py")
     out = tmp_path / "bench"
-    assert bench.main(["endings", "--ckpt", str(conditioned_run), "--out", str(out), "--num", "2", "--targets", "2"]) == 0
+    assert (
+        bench.main(
+            ["endings", "--ckpt", str(conditioned_run), "--out", str(out), "--num", "2", "--targets", "2"]
+        )
+        == 0
+    )
     told = json.loads((out / "endings" / "cond_2" / "generate.json").read_text())
     untold = json.loads((out / "endings" / "untold_2" / "generate.json").read_text())
     assert told["total_seconds_told"] == pytest.approx(2.0) and untold["total_seconds_told"] == 0.0

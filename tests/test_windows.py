@@ -128,7 +128,9 @@ def test_end_windows_draw_that_share_of_windows_ending_their_piece(tmp_path):
     targets, at every target position (none learns to end); the others are the plain draws."""
     data = fake_data(tmp_path, [300, 500, 40])
     plain = WindowDataset(data, DataConfig(transpose=0, stretch=0), 48, 16, train=True, seed=3)
-    ending = WindowDataset(data, DataConfig(transpose=0, stretch=0, end_windows=0.5), 48, 16, train=True, seed=3)
+    ending = WindowDataset(
+        data, DataConfig(transpose=0, stretch=0, end_windows=0.5), 48, 16, train=True, seed=3
+    )
     n = 400
     with_eos = lambda ds: [i for i in range(n) if EOS in ds[i].targets]
     assert len(with_eos(plain)) < 0.15 * n  # an EOS in 16 of ~850 windows' targets

@@ -96,7 +96,9 @@ class DataConfig:
         if not 0 <= self.end_windows < 1:
             raise ConfigError("data.end_windows must be in [0, 1)")
         if self.end_windows and self.segmentation != "effective":
-            raise ConfigError("data.end_windows needs data.segmentation=effective (baseline windows end inside pieces)")
+            raise ConfigError(
+                "data.end_windows needs data.segmentation=effective (baseline windows end inside pieces)"
+            )
 
 
 @dataclass
