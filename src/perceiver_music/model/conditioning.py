@@ -168,6 +168,7 @@ class Conditioner(nn.Module):
         if self.cfg.conditioned_on("timing"):
             bins = self.cfg.timing_bins
             total = cond.total if cond.total is not None else torch.zeros(batch, device=device)
+            known = total > 0
             if cond.elapsed is None:
                 elapsed_b = torch.zeros(batch, length, dtype=torch.long, device=device)
                 frac_b = left_b = elapsed_b
@@ -175,8 +176,8 @@ class Conditioner(nn.Module):
                 elapsed = cond.elapsed[:, -length:]
                 elapsed_b, frac_b = log_bucket(elapsed, bins), fraction_bucket(elapsed, total, bins)
                 # past the end (only generation gets there) counts as at it: 0 s left
-                left_b = torch.where((total > 0)[:, None], log_bucket(total[:, None] - elapsed, bins), 0)
-            total_b = torch.where(total > 0, log_bucket(total, bins), 0)
+                left_b = torch.where(known[:, None], log_bucket(total[:, None] - elapsed, bins), 0)
+            total_b = torch.where(known, log_bucket(total, bins), 0)
             out = out + self.total(total_b)[:, None] + self.elapsed(elapsed_b) + self.fraction(frac_b)
             if self.remaining is not None:
                 out = out + self.remaining(left_b)
