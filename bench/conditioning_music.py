@@ -6,9 +6,12 @@
     python bench/conditioning_music.py style --ckpt RUN --data DATA_DIR --source MIDI_DIR [--refs 4] --out OUT
 
 * composers: `num` pieces per composer (`--composer X`), each set compared (mean overlap area
-  of the metric suite's distributions) with each composer's held-out performances (valid +
-  test: Liszt has no test pieces in ASAP). Steering works when each row's highest value is on
-  the diagonal.
+  of the metric suite's distributions) with excerpts of each composer's held-out performances
+  (valid + test: Liszt has no test pieces in ASAP), cut to the generated length and spread
+  evenly over the performances (`--excerpts` per composer). Whole performances would not do:
+  their whole-piece counts measure length, and the four composers' held-out performances run
+  from minutes (Schubert) to half an hour (Liszt's sonata). Steering works when each row's
+  highest value is on the diagonal.
 * endings: `num` pieces per target length told to a timing-conditioned model; the share that
   end with EOS within +-15 % of the target; the same for the same model not told the length
   (under the same limit, 1.25 x the target) and, with --baseline, for an unconditioned model's
@@ -45,16 +48,6 @@ def held_out(data_dir: Path, labels: list[str], splits=("valid", "test")) -> dic
     }
 
 
-def link_set(folder: Path, source: Path, paths: list[str]) -> Path:
-    """A folder of symlinks to source/paths (the metric suite reads a folder)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, rel in enumerate(paths):
-        link = folder / f"{i:03d}_{Path(rel).name}"
-        if not link.exists():
-            link.symlink_to((source / rel).resolve())
-    return folder
-
-
 def matrix_markdown(title: str, rows: list[str], cols: list[str], values: np.ndarray) -> str:
     lines = [
         f"## {title}",
@@ -78,7 +71,15 @@ def cmd_composers(args) -> dict:
     out = Path(args.out)
     refs = held_out(Path(args.data), args.composers)
     ref_sets = {
-        c: load_set(link_set(out / "composers_ref" / c, Path(args.source), refs[c]), c)
+        c: load_set(
+            excerpt_set(
+                [Path(args.source) / r for r in refs[c]],
+                out / "composers_ref" / c,
+                args.seconds,
+                args.excerpts,
+            ),
+            c,
+        )
         for c in args.composers
     }
     gen_sets = {}
@@ -99,6 +100,7 @@ def cmd_composers(args) -> dict:
     return {
         "composers": args.composers,
         "references": {c: len(refs[c]) for c in args.composers},
+        "excerpts": {c: len(ref_sets[c]) for c in args.composers},
         "matrix": values.tolist(),
         "markdown": md,
     }
@@ -142,22 +144,46 @@ def cmd_endings(args) -> dict:
     return {"rows": rows, "markdown": "\n".join(md) + "\n"}
 
 
+def _spans(steps, span: int) -> list[np.ndarray]:
+    """The note indices of each `span`-step stretch of a performance that holds 8 notes or more."""
+    out = []
+    for lo in range(0, int(steps.end.max()), span):
+        keep = np.flatnonzero((steps.start >= lo) & (steps.start < lo + span))
+        if len(keep) >= 8:
+            out.append(keep)
+    return out
+
+
+def _write_excerpt(tok, steps, keep: np.ndarray, lo: int, path: Path) -> None:
+    from perceiver_music.tokens.performance import Notes
+
+    part = steps.take(keep)
+    part = Notes(part.start - lo, part.end - lo, part.pitch, part.velocity)
+    tok.decode_to_midi(tok.encode_notes(part), path)
+
+
 def excerpts(midi: Path, folder: Path, seconds: float = 20.0) -> Path:
     """Cut a performance into `seconds`-long MIDI excerpts (a reference set for one piece)."""
-    from perceiver_music.tokens.performance import Notes, PerformanceTokenizer
+    return excerpt_set([midi], folder, seconds)
+
+
+def excerpt_set(midis: list[Path], folder: Path, seconds: float, limit: int | None = None) -> Path:
+    """`seconds`-long excerpts of several performances, at most `limit` of them, spread evenly
+    over all the performances' excerpts (so a long performance gives more than a short one)."""
+    from perceiver_music.tokens.performance import PerformanceTokenizer
 
     tok = PerformanceTokenizer()
-    sps = tok.cfg.steps_per_second
-    steps = tok.midi_to_notes(midi)
+    span = int(seconds * tok.cfg.steps_per_second)
+    notes = [tok.midi_to_notes(m) for m in midis]
+    every = [(i, keep) for i, steps in enumerate(notes) for keep in _spans(steps, span)]
+    chosen = range(len(every))
+    if limit is not None and len(every) > limit:
+        chosen = np.unique(np.linspace(0, len(every) - 1, limit).astype(int))
     folder.mkdir(parents=True, exist_ok=True)
-    span = int(seconds * sps)
-    for k, lo in enumerate(range(0, int(steps.end.max()), span)):
-        keep = (steps.start >= lo) & (steps.start < lo + span)
-        if keep.sum() < 8:
-            continue
-        part = steps.take(np.flatnonzero(keep))
-        part = Notes(part.start - lo, part.end - lo, part.pitch, part.velocity)
-        tok.decode_to_midi(tok.encode_notes(part), folder / f"excerpt_{k:03d}.mid")
+    for k in chosen:
+        i, keep = every[k]
+        lo = int(notes[i].start[keep].min()) // span * span
+        _write_excerpt(tok, notes[i], keep, lo, folder / f"{i:03d}_{Path(midis[i]).stem}_{k:04d}.mid")
     return folder
 
 
@@ -216,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--data", required=True, help="the prepared data (meta.json: labels, splits)")
             s.add_argument("--source", required=True, help="the MIDI folder it was prepared from")
             s.add_argument("--seconds", type=float, default=45.0)
+    sub.choices["composers"].add_argument(
+        "--excerpts", type=int, default=64, help="reference excerpts per composer (of --seconds each)"
+    )
     sub.choices["composers"].add_argument(
         "--composers", nargs="+", default=["Beethoven", "Chopin", "Liszt", "Schubert"]
     )

@@ -505,3 +505,31 @@ def test_the_studio_offers_a_conditioned_models_composers_and_style(conditioned_
     assert info.labels == ["A", "B"] and info.style is True
     plain = model_info(tiny_run / "run")
     assert plain.labels == [] and plain.style is False
+
+
+def test_composer_references_are_excerpts_of_the_generated_length_spread_over_performances(tmp_path):
+    from perceiver_music.tokens.performance import PerformanceTokenizer
+
+    from conftest import write_midi
+
+    bench = _script("bench/conditioning_music.py")
+    # A 30 s performance and a 6 s one: ten notes a second, 1 ms ticks.
+    long = [(t, t + 80, 60 + (t // 100) % 12, 70) for t in range(0, 30_000, 100)]
+    short = [(t, t + 80, 48, 70) for t in range(0, 6_000, 100)]
+    write_midi(tmp_path / "long.mid", long)
+    write_midi(tmp_path / "short.mid", short)
+    midis = [tmp_path / "long.mid", tmp_path / "short.mid"]
+
+    every = bench.excerpt_set(midis, tmp_path / "all", seconds=5.0)
+    names = sorted(p.name for p in every.iterdir())
+    assert len(names) == 6 + 2  # 30 s and 6 s cut into 5 s spans (the short one's last has 10 notes)
+    assert sum(n.startswith("000_long") for n in names) == 6
+
+    few = bench.excerpt_set(midis, tmp_path / "few", seconds=5.0, limit=4)
+    picked = sorted(p.name for p in few.iterdir())
+    assert len(picked) == 4 and any(n.startswith("001_short") for n in picked)  # spread over both
+    tok = PerformanceTokenizer()
+    for path in few.iterdir():
+        notes = tok.midi_to_notes(path)
+        seconds = (notes.end.max() - notes.start.min()) / tok.cfg.steps_per_second
+        assert notes.start.min() < 0.2 * tok.cfg.steps_per_second and seconds <= 5.0 + 0.1
