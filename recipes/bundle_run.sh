@@ -7,6 +7,9 @@
 #   bash recipes/bundle_run.sh                 # start, or resume, the held run (runs/bundle/full)
 #   DECAY=400 bash recipes/bundle_run.sh decay # branch a decay off its latest checkpoint (or
 #                                              #   STEP=N's): runs/bundle/decay_<step>, DECAY steps more
+#   STEPS=1200 bash recipes/bundle_run.sh twin # its unconditioned twin (runs/bundle/twin): the same
+#                                              #   data, seed and held rate, so the two runs' validation
+#                                              #   NLL (the same windows) compare at equal budget
 #
 # Then evaluate and bundle the decayed model:
 #   MAIN=runs/bundle/decay_<step> OUT=runs/final DATA=data/asap-exact BASELINE=0 bash recipes/default_model.sh
@@ -47,6 +50,13 @@ if [ "${1:-train}" = decay ]; then
     [ -e "$out/config.json" ] || resume=(--branch "$RUN/checkpoints/$last")
     exec "${launch[@]}" "${recipe[@]}" --out "$out" "${resume[@]}" \
         train.steps=$((step + DECAY)) train.decay_steps="$DECAY"
+fi
+if [ "${1:-train}" = twin ]; then
+    twin=runs/bundle/twin
+    resume=(); [ -e "$twin/config.json" ] && resume=(--resume)
+    # decay_steps=0: held to its end, as the main run is until its own decay
+    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false --out "$twin" "${resume[@]}" \
+        train.steps="$STEPS" train.decay_steps=0
 fi
 resume=(); [ -e "$RUN/config.json" ] && resume=(--resume)
 exec "${launch[@]}" "${recipe[@]}" --out "$RUN" "${resume[@]}" train.steps="$STEPS" train.decay_steps="$DECAY"
