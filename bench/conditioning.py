@@ -1,10 +1,12 @@
 """How much each condition tells a conditioned model, measured as NLL on held-out windows.
 
     python bench/conditioning.py --ckpt RUN [--baseline UNCONDITIONED_RUN] --data DATA_DIR \
-        [--split test] [--windows 256] [--out bench/results/conditioning.json]
+        [--split test] [--windows 256] [--at anywhere|start] [--out bench/results/conditioning.json]
 
 On the same evenly spaced validation-style windows of the split (every target once, no
-augmentation), the conditioned model's NLL (nats/token):
+augmentation), or with `--at start` on the first window of every piece (its first num_latents
+tokens, with nothing before them: where only the conditions say what the piece is, as when a
+piece is generated from nothing), the conditioned model's NLL (nats/token):
 
 * told nothing (no label, no length, no style; the time elapsed is always known), and, with
   --baseline, the unconditioned model of the same budget on the same windows;
@@ -40,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--windows", type=int, default=256)
+    p.add_argument(
+        "--at",
+        choices=["anywhere", "start"],
+        default="anywhere",
+        help="evenly spaced windows, or each piece's first",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench/results/conditioning.json")
@@ -60,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     data = TokenData(args.data, args.split)
     conditions = window_conditions(cfg)  # validation windows drop nothing
     ds = WindowDataset(data, cfg.data, m.max_len, m.num_latents, train=False, conditions=conditions)
-    idx = np.unique(np.linspace(0, len(ds) - 1, min(args.windows, len(ds))).astype(int))
-    windows = [ds[int(i)] for i in idx]
+    if args.at == "start":  # targets 1..num_latents of each piece: BOS is all the context
+        windows = [ds.window(i, min(m.num_latents + 1, len(data.piece(i)))) for i in range(len(data))]
+    else:
+        idx = np.unique(np.linspace(0, len(ds) - 1, min(args.windows, len(ds))).astype(int))
+        windows = [ds[int(i)] for i in idx]
     batches = [collate(windows[i : i + args.batch]) for i in range(0, len(windows), args.batch)]
     pieces = [
         np.array([w.piece for w in windows[i : i + args.batch]]) for i in range(0, len(windows), args.batch)
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": args.baseline,
         "data": args.data,
         "split": args.split,
+        "at": args.at,
         "windows": len(windows),
         "targets": count,
         "nll": {k: round(v, 5) for k, v in results.items()},

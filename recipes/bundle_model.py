@@ -168,16 +168,24 @@ def _conditioning(ev: Path, m: dict) -> list[str]:
     if m.get("labels"):
         lines += ["", "`--composer` takes: " + ", ".join(m["labels"]) + "."]
     nll = _json(ev / "conditioning" / "conditioning.json")
+    start = _json(ev / "conditioning" / "conditioning_start.json")  # `--at start`
     if nll is not None:
-        lines += [
-            "",
-            f"NLL on {nll['windows']} evenly spaced {nll['split']} windows ({nll['targets']:,} targets), "
-            "`python bench/conditioning.py`:",
-            "",
-            "| told | nats/token |",
-            "| --- | ---: |",
-            *[f"| {k} | {v:.4f} |" for k, v in nll["nll"].items()],
-        ]
+        head = f"NLL on {nll['windows']} evenly spaced {nll['split']} windows ({nll['targets']:,} targets)"
+        rows = [f"| {k} | {v:.4f} |" for k, v in nll["nll"].items()]
+        table = ["| told | nats/token |", "| --- | ---: |"]
+        if start is not None:
+            head += (
+                f" and on the first window of each of the {start['windows']} pieces (their first "
+                f"{start['targets'] // max(1, start['windows']):,} tokens or so, nothing before them: what a "
+                "piece generated from nothing is told)"
+            )
+            rows = [
+                f"| {k} | {v:.4f} | {start['nll'][k]:.4f} |"
+                for k, v in nll["nll"].items()
+                if k in start["nll"]
+            ]
+            table = ["| told | anywhere | piece start |", "| --- | ---: | ---: |"]
+        lines += ["", head + ", `python bench/conditioning.py [--at start]`:", "", *table, *rows]
         eos = nll.get("eos_at_end")
         if eos:
             told, not_told = eos["told the length"], eos["not told"]

@@ -142,6 +142,8 @@ perceiver-music evaluate --generated "${validity[@]}" --names "$(IFS=,; echo "${
 if [ "$COND_BENCH" = 1 ] && python -c "import json,sys; sys.exit(0 if json.load(open('$OUT/perceivers/config.json'))['model']['condition'] else 1)"; then
     python bench/conditioning.py --ckpt "$OUT/perceivers" --data "$DATA" --split test \
         ${UNCOND:+--baseline "$UNCOND"} --out "$OUT/eval/conditioning/conditioning.json"
+    python bench/conditioning.py --ckpt "$OUT/perceivers" --data "$DATA" --split test --at start \
+        --out "$OUT/eval/conditioning/conditioning_start.json"
     python bench/conditioning_music.py composers --ckpt "$OUT/perceivers" --data "$DATA" --source "$ASAP" \
         --out "$OUT/eval/conditioning"
     python bench/conditioning_music.py endings --ckpt "$OUT/perceivers" ${UNCOND:+--baseline "$UNCOND"} \

@@ -496,6 +496,17 @@ def test_the_conditioning_bench_measures_every_condition_and_the_card_shows_it(
     section = "\n".join(recipe._conditioning(tmp_path / "eval", model))
     assert "`--composer` takes: A, B." in section
     assert f"| composer: wrong | {record['nll']['composer: wrong']:.4f} |" in section
+    # At each piece's start: one window per piece, only its first num_latents targets.
+    start = tmp_path / "eval" / "conditioning" / "conditioning_start.json"
+    assert bench.main([*args, "--at", "start", "--out", str(start)]) == 0
+    at_start = json.loads(start.read_text())
+    pieces = TokenData(labelled_data, "valid")
+    num_latents = json.loads((conditioned_run / "config.json").read_text())["model"]["num_latents"]
+    assert at_start["at"] == "start" and at_start["windows"] == len(pieces)
+    assert at_start["targets"] == sum(min(num_latents, len(pieces.piece(i)) - 1) for i in range(len(pieces)))
+    section = "\n".join(recipe._conditioning(tmp_path / "eval", model))
+    nothing = f"| nothing | {record['nll']['nothing']:.4f} | {at_start['nll']['nothing']:.4f} |"
+    assert "| told | anywhere | piece start |" in section and nothing in section
 
 
 def test_the_studio_offers_a_conditioned_models_composers_and_style(conditioned_run, tiny_run):
