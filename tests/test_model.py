@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perceiver_music.config import ModelConfig
+from perceiver_music.config import ConfigError, ModelConfig
 from perceiver_music.model import build_model
 from perceiver_music.model.attention import Rotary
 from perceiver_music.tokens.performance import PAD
@@ -211,3 +211,26 @@ def test_vocabulary_key_value_table_equals_projecting_every_input():
             assert torch.allclose(a, b, atol=1e-6)
         for a, b in zip(*grads):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_context_dropout_hides_the_prefix_of_the_rows_it_draws_and_only_in_training():
+    tokens, positions = batch()
+    changed = tokens.clone()
+    changed[:, : L - N] = torch.randint(3, V, (2, L - N), generator=torch.Generator().manual_seed(1))
+    blind = tiny(context_dropout=1.0, scales=["full", 8]).train()
+    with torch.no_grad():
+        # every row drawn: what came before the latents cannot change the logits
+        assert torch.allclose(blind(tokens, positions), blind(changed, positions), atol=1e-6)
+        blind.eval()
+        assert not torch.allclose(blind(tokens, positions), blind(changed, positions), atol=1e-4)
+    # off (the default), training draws no random number for it: the run's stream is unchanged
+    plain = tiny(scales=["full", 8]).train()
+    torch.manual_seed(3)
+    plain(tokens, positions)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(1), after)
+    with pytest.raises(ConfigError, match="context_dropout"):
+        ModelConfig(vocab_size=V, max_len=L, num_latents=N, context_dropout=1.5)
+    with pytest.raises(ConfigError, match="perceiver_ar"):
+        ModelConfig(vocab_size=V, max_len=L, num_latents=L, arch="transformer", context_dropout=0.5)

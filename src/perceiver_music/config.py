@@ -123,6 +123,9 @@ class ModelConfig:
     rotary_base: float = 10000.0
     dropout: float = 0.1  # attention, residual, and the latents' embeddings (not the inputs' keys/values)
     prefix_dropout: float = 0.0  # fraction of the non-latent inputs dropped while training
+    # share of training windows that see none of the inputs before their latents, as at a piece's
+    # start: there only the conditions (composer, style) say what the piece is, so they must carry it
+    context_dropout: float = 0.0
     z_loss: float = 1e-4
     checkpoint_activations: bool = False
     # Conditioning (DESIGN.md section 8b): any of "label" (composer), "timing" (total length,
@@ -154,6 +157,12 @@ class ModelConfig:
             raise ConfigError("model.rotary_fraction must be in [0, 1]")
         if not (0 <= self.dropout < 1 and 0 <= self.prefix_dropout < 1):
             raise ConfigError("model.dropout and model.prefix_dropout must be in [0, 1)")
+        if not 0 <= self.context_dropout <= 1:
+            raise ConfigError("model.context_dropout must be in [0, 1]")
+        if self.context_dropout and self.arch != "perceiver_ar":
+            raise ConfigError(
+                "model.context_dropout needs inputs before the latents: model.arch=perceiver_ar"
+            )
         if len(set(self.condition)) != len(self.condition):
             raise ConfigError("model.condition lists a kind twice")
         if len(set(self.labels)) != len(self.labels) or "" in self.labels:

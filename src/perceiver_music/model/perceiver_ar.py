@@ -86,6 +86,10 @@ class PerceiverAR(TokenModel):
         if self.conditioner is not None:
             h = h + self.conditioner(cond, B, N, tokens.device)
         q_pos, q_pad = positions[:, -N:], pad[:, -N:]
+        if self.training and self.cfg.context_dropout > 0 and L > N:
+            # rows drawn here see only their latent part: their prefix is masked like padding
+            blind = torch.rand(B, 1, device=tokens.device) < self.cfg.context_dropout  # [B, 1]
+            pad = pad | (blind & (torch.arange(L, device=tokens.device) < L - N))  # [B, L]
         if self.training and self.cfg.prefix_dropout > 0 and L > N:
             tokens, positions, pad = drop_prefix(tokens, positions, pad, N, self.cfg.prefix_dropout)
         q_angles = self.rotary.angles(q_pos)
