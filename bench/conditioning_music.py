@@ -144,13 +144,14 @@ def cmd_endings(args) -> dict:
     return {"rows": rows, "markdown": "\n".join(md) + "\n"}
 
 
-def _spans(steps, span: int) -> list[np.ndarray]:
-    """The note indices of each `span`-step stretch of a performance that holds 8 notes or more."""
+def _spans(steps, span: int) -> list[tuple[int, np.ndarray]]:
+    """(start step, note indices) of each `span`-step stretch of a performance that holds 8
+    notes or more."""
     out = []
     for lo in range(0, int(steps.end.max()), span):
         keep = np.flatnonzero((steps.start >= lo) & (steps.start < lo + span))
         if len(keep) >= 8:
-            out.append(keep)
+            out.append((lo, keep))
     return out
 
 
@@ -175,14 +176,13 @@ def excerpt_set(midis: list[Path], folder: Path, seconds: float, limit: int | No
     tok = PerformanceTokenizer()
     span = int(seconds * tok.cfg.steps_per_second)
     notes = [tok.midi_to_notes(m) for m in midis]
-    every = [(i, keep) for i, steps in enumerate(notes) for keep in _spans(steps, span)]
+    every = [(i, lo, keep) for i, steps in enumerate(notes) for lo, keep in _spans(steps, span)]
     chosen = range(len(every))
     if limit is not None and len(every) > limit:
         chosen = np.unique(np.linspace(0, len(every) - 1, limit).astype(int))
     folder.mkdir(parents=True, exist_ok=True)
     for k in chosen:
-        i, keep = every[k]
-        lo = int(notes[i].start[keep].min()) // span * span
+        i, lo, keep = every[k]
         _write_excerpt(tok, notes[i], keep, lo, folder / f"{i:03d}_{Path(midis[i]).stem}_{k:04d}.mid")
     return folder
 
