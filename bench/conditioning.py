@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     conditions = window_conditions(cfg)  # validation windows drop nothing
     ds = WindowDataset(data, cfg.data, m.max_len, m.num_latents, train=False, conditions=conditions)
     if args.at == "start":  # targets 1..num_latents of each piece: BOS is all the context
-        windows = [ds.window(i, min(m.num_latents + 1, len(data.piece(i)))) for i in range(len(data))]
+        windows = [ds.window(i, min(m.num_latents + 1, int(data.index[i, 1]))) for i in range(len(data))]
     else:
         idx = np.unique(np.linspace(0, len(ds) - 1, min(args.windows, len(ds))).astype(int))
         windows = [ds[int(i)] for i in idx]
