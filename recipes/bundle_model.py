@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -43,18 +44,57 @@ def _training(run: Path) -> dict:
     seconds += previous
     best = json.loads((run / "best" / "info.json").read_text())
     world = best.get("world_size", 1)  # processes (torchrun): each step saw world x batch_size windows
+    tokens = last["step"] * t["batch_size"] * t.get("grad_accum", 1) * cfg["model"]["num_latents"] * world
     return {
         "steps": last["step"],
         "hours": seconds / 3600,
-        "tokens": last["step"]
-        * t["batch_size"]
-        * t.get("grad_accum", 1)
-        * cfg["model"]["num_latents"]
-        * world,
+        "tokens": tokens,
         "world": world,
         "best": best,
         "config": cfg,
+        "before": _before(run, cfg["model"]["num_latents"]),
     }
+
+
+def _before(run: Path, latents: int) -> dict | None:
+    """What trained the weights a fine-tuning run (`train --init`, init.json) started from: the
+    source's own record of it (a model bundled by this script), else its steps, and the hours its
+    card states."""
+    record = _json(run / "init.json")
+    if record is None:
+        return None
+    info, t = record["source_info"], record["source_train"]
+    if "trained" in info:
+        return info["trained"]
+    steps = info.get("step", t.get("steps", 0))
+    tokens = steps * t.get("batch_size", 1) * t.get("grad_accum", 1) * latents * info.get("world_size", 1)
+    card = Path(record["source"]) / "MODEL_CARD.md"
+    hours = re.search(r"M target tokens, ([0-9.]+) h on", card.read_text()) if card.is_file() else None
+    return {"steps": steps, "tokens": tokens, "hours": float(hours.group(1)) if hours else None}
+
+
+def _trained(t: dict) -> dict:
+    """The weights' whole training: the fine-tuning run's and what came before it."""
+    b = t["before"] or {"steps": 0, "tokens": 0, "hours": 0.0}
+    hours = None if b["hours"] is None else round(b["hours"] + t["hours"], 3)
+    return {"steps": b["steps"] + t["steps"], "tokens": b["tokens"] + t["tokens"], "hours": hours}
+
+
+def _training_line(t: dict, hardware: str) -> str:
+    line = (
+        f"- {t['steps']:,} steps, {t['tokens'] / 1e6:.1f} M target tokens, {t['hours']:.2f} h on {hardware}"
+    )
+    b = t["before"]
+    if b is None:
+        return line
+    whole = _trained(t)
+    hours = lambda h: "" if h is None else f", {h:.2f} h"
+    return (
+        line
+        + f", fine-tuned (`train --init`: its weights, a fresh optimizer and a new warm-up) from the model "
+        f"bundled before it ({b['steps']:,} steps, {b['tokens'] / 1e6:.1f} M target tokens{hours(b['hours'])}): "
+        f"in all {whole['steps']:,} steps, {whole['tokens'] / 1e6:.1f} M target tokens{hours(whole['hours'])}"
+    )
 
 
 def _stages(run: Path, steps: int, condition: list[str]) -> str | None:
@@ -266,7 +306,7 @@ def card(runs: Path, data: Path, hardware: str) -> str:
         f"batch {tr['batch_size']} windows"
         + (f" per process x {t['world']} processes" if t["world"] > 1 else "")
         + f", seed {tr['seed']}",
-        f"- {t['steps']:,} steps, {t['tokens'] / 1e6:.1f} M target tokens, {t['hours']:.2f} h on {hardware}",
+        _training_line(t, hardware),
         *filter(None, [_stages(main, t["steps"], m.get("condition", []))]),
         f"- best validation NLL during training (sampled windows): {t['best']['val_nll']:.4f} nats/token "
         f"at step {t['best']['step']}",
@@ -418,8 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = card(args.runs, args.data, args.hardware)
     BUNDLED.mkdir(exist_ok=True)
-    for name in ("model.safetensors", "config.json", "info.json"):
+    for name in ("model.safetensors", "config.json"):
         shutil.copyfile(best / name, BUNDLED / name)
+    # With its whole training, which the next fine-tuning stage's card adds to (see _before).
+    info = json.loads((best / "info.json").read_text())
+    info["trained"] = _trained(_training(args.runs / "perceivers"))
+    (BUNDLED / "info.json").write_text(json.dumps(info, indent=1) + "\n")
     if (args.runs / "perceivers" / "loss.png").is_file():
         shutil.copyfile(args.runs / "perceivers" / "loss.png", BUNDLED / "training_curve.png")
     (BUNDLED / "MODEL_CARD.md").write_text(text)

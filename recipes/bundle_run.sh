@@ -7,6 +7,10 @@
 #   bash recipes/bundle_run.sh                 # start, or resume, the held run (runs/bundle/full)
 #   DECAY=400 bash recipes/bundle_run.sh decay # branch a decay off its latest checkpoint (or
 #                                              #   STEP=N's): runs/bundle/decay_<step>, DECAY steps more
+#   STEPS=8000 DECAY=1200 bash recipes/bundle_run.sh finetune
+#                                              # go on from the bundled model's weights (a fresh
+#                                              #   optimizer, warm-up, held rate, decay; seed 1, so
+#                                              #   other crops than its first run): runs/bundle/finetune
 #   STEPS=1200 bash recipes/bundle_run.sh twin # its unconditioned twin (runs/bundle/twin): the same
 #                                              #   data, seed and held rate, so the two runs' validation
 #                                              #   NLL (the same windows) compare at equal budget
@@ -50,6 +54,15 @@ if [ "${1:-train}" = decay ]; then
     [ -e "$out/config.json" ] || resume=(--branch "$RUN/checkpoints/$last")
     exec "${launch[@]}" "${recipe[@]}" --out "$out" "${resume[@]}" \
         train.steps=$((step + DECAY)) train.decay_steps="$DECAY"
+fi
+if [ "${1:-train}" = finetune ]; then
+    # The session's machine is not kept between sessions, and a checkpoint other than the bundled
+    # model is never committed: the bundled model is where a longer training goes on from.
+    out=runs/bundle/finetune
+    resume=(); [ -e "$out/config.json" ] && resume=(--resume)
+    [ -e "$out/config.json" ] || resume=(--init "${INIT:-bundled}")
+    exec "${launch[@]}" "${recipe[@]}" train.seed=1 --out "$out" "${resume[@]}" \
+        train.steps="$STEPS" train.decay_steps="$DECAY"
 fi
 if [ "${1:-train}" = twin ]; then
     twin=runs/bundle/twin

@@ -287,3 +287,68 @@ def test_two_processes_with_gloo_match_one(data_dir, tmp_path):
     for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.allclose(pa, pb, atol=2e-4), name
     assert (tmp_path / "ddp" / "checkpoints" / "step_0000001" / "rng_rank1.safetensors").is_file()
+
+
+def test_fine_tuning_starts_from_the_source_weights_with_a_fresh_optimizer(data_dir, tmp_path, capsys):
+    """--init: step 0 holds the source's weights (at a rate of 1e-12 they stay so to 1e-8; a
+    fresh model would differ by far more), the source's config is taken when --config is left out, another model is
+    refused naming the setting, and the card adds the source's training to the new run's."""
+    source = tmp_path / "source"
+    train(load_config("debug", [*TINY, "train.steps=3"]), data_dir, source, progress=False)
+    tuned = tmp_path / "tuned"
+    frozen = [
+        "train.steps=2",
+        "train.lr=1e-12",
+        "train.min_lr=0",
+        "train.warmup_steps=0",
+        "train.eval_every=2",
+    ]
+    assert (
+        main(
+            ["train", "--init", str(source), "--data", str(data_dir), "--out", str(tuned), "--quiet", *frozen]
+        )
+        == 0
+    )
+    assert "fine-tuning from" in capsys.readouterr().out
+    before, _ = load_model(source / "checkpoints" / "step_0000003")
+    after, cfg = load_model(tuned / "checkpoints" / "step_0000002")
+    assert cfg.model.width == 32 and cfg.train.steps == 2  # the source's model, the new schedule
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-8), name
+    log = [json.loads(line) for line in (tuned / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "train"] == [2]  # its own log, from step 0
+    record = json.loads((tuned / "init.json").read_text())
+    assert record["source"] == str(source / "best") and record["source_train"]["steps"] == 3
+
+    # A fine-tuned model's card: its own steps and those of what it started from.
+    spec = __import__("importlib.util").util.spec_from_file_location(
+        "bundle_model", Path(__file__).parents[1] / "recipes" / "bundle_model.py"
+    )
+    bundle = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(bundle)
+    t = bundle._training(tuned)
+    assert t["before"]["steps"] == 3 and t["before"]["tokens"] == 3 * 2 * 16
+    assert bundle._trained(t)["steps"] == 5 and bundle._trained(t)["tokens"] == 5 * 2 * 16
+    assert "in all 5 steps" in bundle._training_line(t, "a test")
+
+    wide = ["train", "--config", "debug", "--init", str(source), "--data", str(data_dir), "--quiet"]
+    assert main([*wide, "--out", str(tmp_path / "wide"), *TINY, "model.width=64", "train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--init:" in err and "is another model (model.width=32 there, 64 here)" in err
+    assert main([*wide, "--out", str(tmp_path / "none"), "--branch", str(source), *TINY]) == 2
+    assert "--branch and --init: choose one" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--init",
+                str(tmp_path / "nowhere"),
+                "--data",
+                str(data_dir),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "--init:" in capsys.readouterr().err

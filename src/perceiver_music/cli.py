@@ -274,9 +274,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "a run cannot change them (start a new run, or drop --config)"
             )
     else:
-        if not args.config:
+        config = args.config
+        if not config and args.init:  # fine-tuning: the source's own config, then the overrides
+            from perceiver_music.checkpoint import resolve
+
+            try:
+                config = resolve(None if args.init == "bundled" else args.init) / "config.json"
+            except FileNotFoundError as e:
+                return _fail(f"--init: {e}")
+        if not config:
             return _fail("train needs --config (a shipped name such as debug, or a YAML file)")
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, args.overrides)
     if not (Path(args.data) / "meta.json").is_file():
         return _fail(
             f"{args.data}: not a prepared data folder (no meta.json); run `perceiver-music prepare` first"
@@ -286,9 +294,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         result = train(
-            cfg, args.data, run_dir, resume=args.resume, progress=not args.quiet, branch=args.branch
+            cfg,
+            args.data,
+            run_dir,
+            resume=args.resume,
+            progress=not args.quiet,
+            branch=args.branch,
+            init=args.init,
         )
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:
         return _fail(str(e))
     if os.environ.get("RANK", "0") != "0" or result.already_finished:
         return 0  # under torchrun rank 0 speaks for all; a finished run has said so
@@ -824,6 +838,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start at another run's checkpoint (a checkpoints/step_N folder, or a run: its "
         "latest) and go on with this config, which may add conditioning (model.condition) to "
         "that run's model: its step, optimizer state and log carry over",
+    )
+    p.add_argument(
+        "--init",
+        metavar="CKPT",
+        help="fine-tune: start from a trained model's weights ('bundled', a run or a checkpoint "
+        "folder) at step 0 with a fresh optimizer; without --config, that model's config "
+        "(then the overrides, e.g. train.steps=500 train.lr=3e-4)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config(p)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -172,6 +173,36 @@ def _write_branch_record(run_dir: Path, source: Path, step: int, t: TrainConfig)
         start = max(step, t.steps - t.decay_steps)
         record["note"] = f"learning rate decayed linearly to {t.min_lr:g} over steps {start:,}-{t.steps:,}"
     atomic_write_text(run_dir / "branch.json", json.dumps(record, indent=1))
+
+
+def _init_source(cfg: Config, init: str | os.PathLike) -> Path:
+    """The checkpoint folder `--init` names, once its model is known to be cfg.model (whose
+    label set it then takes: a fine-tuning set's unknown composers count as unlabelled)."""
+    source = ckpt_io.resolve(None if str(init) == "bundled" else init)
+    source_model = ckpt_io.read_config(source / "config.json").model
+    if cfg.model.conditioned_on("label") and not cfg.model.labels:
+        cfg.model.labels = list(source_model.labels)
+    if source_model != cfg.model:
+        differ = [
+            f"{f.name}={getattr(source_model, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
+            for f in dataclasses.fields(source_model)
+            if getattr(source_model, f.name) != getattr(cfg.model, f.name)
+        ]
+        raise ConfigError(
+            f"--init: {source} is another model (model.{differ[0]}); fine-tuning keeps the model "
+            "as it is (leave out --config to take its config)"
+        )
+    return source
+
+
+def _write_init_record(run_dir: Path, source: Path) -> None:
+    """init.json: the weights a fine-tuning run started from, and what had trained them (its
+    model card adds the source's steps and tokens to its own)."""
+    info = json.loads((source / "info.json").read_text()) if (source / "info.json").is_file() else {}
+    cfg = json.loads((source / "config.json").read_text())
+    record = {"source": str(source), "source_info": info, "source_train": cfg.get("train", {})}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "init.json", json.dumps(record, indent=1))
 
 
 def _setup_distributed() -> tuple[int, int, int]:
@@ -409,11 +440,19 @@ def train(
     resume: bool = False,
     progress: bool = True,
     branch: str | os.PathLike | None = None,
+    init: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train cfg on data_dir into run_dir. branch: start from another run's training checkpoint
     (its step, optimizer state, RNG and log), whose model cfg.model extends with conditioning:
-    the parameters it lacks start from their initialisation (conditioning's: as a no-op)."""
+    the parameters it lacks start from their initialisation (conditioning's: as a no-op).
+    init: fine-tune, starting from a trained model's weights ("bundled", a run or a checkpoint
+    folder; the same cfg.model) at step 0 with a fresh optimizer and cfg.train's schedule."""
     t = cfg.train
+    if branch is not None and init is not None:
+        raise ConfigError(
+            "--branch and --init: choose one (a branch carries its optimizer, init only weights)"
+        )
+    init_source = _init_source(cfg, init) if init is not None else None
     rank, world, local_rank = _setup_distributed()
     main_process = rank == 0
     device = _device(t, local_rank)
@@ -465,6 +504,11 @@ def train(
         if main_process:
             print(f"branched from {source} at step {step}")
             _write_branch_record(run_dir, source, step, t)
+    if init_source is not None and latest is None:
+        ckpt_io.load_weights(model, init_source / "model.safetensors", init_source / "config.json")
+        if main_process:
+            print(f"fine-tuning from {init_source}")
+            _write_init_record(run_dir, init_source)
     if resume and latest is None and main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     if latest is not None:
