@@ -544,3 +544,25 @@ def test_composer_references_are_excerpts_of_the_generated_length_spread_over_pe
         notes = tok.midi_to_notes(path)
         seconds = (notes.end.max() - notes.start.min()) / tok.cfg.steps_per_second
         assert notes.start.min() < 0.2 * tok.cfg.steps_per_second and seconds <= 5.0 + 0.1
+
+
+def test_style_vectors_are_normalised_after_pooling():
+    """Two performances' style vectors differ at the scale of a LayerNorm's output, however long
+    the reference: pooling normalised positions instead shrinks them ~1/sqrt(R) or more, and a
+    trained model learned to ignore vectors that small."""
+    from perceiver_music.model.conditioning import StyleEncoder
+
+    torch.manual_seed(0)
+    S = 32
+    encoder = StyleEncoder(ModelConfig(vocab_size=V, condition=["style"], style_width=S, dropout=0.0)).eval()
+    gen = torch.Generator().manual_seed(1)
+    # Two "performances" of different events (ids 3-130 and 260-390).
+    refs = torch.stack(
+        [torch.randint(3, 130, (400,), generator=gen), torch.randint(260, V, (400,), generator=gen)]
+    )
+    with torch.no_grad():
+        a, b = encoder(refs)
+        padded = encoder(torch.cat([refs[:1], torch.full((1, 100), PAD)], 1))[0]
+    assert float(a.std()) == pytest.approx(1.0, rel=0.05)  # a LayerNorm's output (gain 1, bias 0)
+    assert float((a - b).norm()) > 0.5 * S**0.5
+    torch.testing.assert_close(padded, a, rtol=0, atol=1e-5)  # PAD positions are not pooled
