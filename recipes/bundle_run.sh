@@ -7,7 +7,7 @@
 #   bash recipes/bundle_run.sh                 # start, or resume, the held run (runs/bundle/full)
 #   DECAY=400 bash recipes/bundle_run.sh decay # branch a decay off its latest checkpoint (or
 #                                              #   STEP=N's): runs/bundle/decay_<step>, DECAY steps more
-#   STEPS=8000 DECAY=1200 bash recipes/bundle_run.sh finetune
+#   STEPS=8000 DECAY=1200 [SEED=2] bash recipes/bundle_run.sh finetune
 #                                              # go on from the bundled model's weights (a fresh
 #                                              #   optimizer, warm-up, held rate, decay; seed 1, so
 #                                              #   other crops than its first run): runs/bundle/finetune
@@ -61,7 +61,7 @@ if [ "${1:-train}" = finetune ]; then
     out=runs/bundle/finetune
     resume=(); [ -e "$out/config.json" ] && resume=(--resume)
     [ -e "$out/config.json" ] || resume=(--init "${INIT:-bundled}")
-    exec "${launch[@]}" "${recipe[@]}" train.seed=1 --out "$out" "${resume[@]}" \
+    exec "${launch[@]}" "${recipe[@]}" train.seed="${SEED:-1}" --out "$out" "${resume[@]}" \
         train.steps="$STEPS" train.decay_steps="$DECAY"
 fi
 if [ "${1:-train}" = twin ]; then
