@@ -276,12 +276,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = args.config
         if not config and args.init:  # fine-tuning: the source's own config, then the overrides
-            from perceiver_music.checkpoint import resolve
+            from perceiver_music.checkpoint import CheckpointError
+            from perceiver_music.train import init_checkpoint
 
             try:
-                config = resolve(None if args.init == "bundled" else args.init) / "config.json"
-            except FileNotFoundError as e:
-                return _fail(f"--init: {e}")
+                config = init_checkpoint(args.init) / "config.json"
+            except CheckpointError as e:
+                return _fail(str(e))
         if not config:
             return _fail("train needs --config (a shipped name such as debug, or a YAML file)")
         cfg = load_config(config, args.overrides)
@@ -302,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             branch=args.branch,
             init=args.init,
         )
-    except (CheckpointError, FileNotFoundError) as e:
+    except CheckpointError as e:
         return _fail(str(e))
     if os.environ.get("RANK", "0") != "0" or result.already_finished:
         return 0  # under torchrun rank 0 speaks for all; a finished run has said so

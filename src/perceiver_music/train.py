@@ -175,10 +175,18 @@ def _write_branch_record(run_dir: Path, source: Path, step: int, t: TrainConfig)
     atomic_write_text(run_dir / "branch.json", json.dumps(record, indent=1))
 
 
+def init_checkpoint(init: str | os.PathLike) -> Path:
+    """The checkpoint folder `--init` names: "bundled", a run or a checkpoint folder."""
+    try:
+        return ckpt_io.resolve(None if str(init) == "bundled" else init)
+    except FileNotFoundError as e:
+        raise ckpt_io.CheckpointError(f"--init: {e}") from None
+
+
 def _init_source(cfg: Config, init: str | os.PathLike) -> Path:
     """The checkpoint folder `--init` names, once its model is known to be cfg.model (whose
     label set it then takes: a fine-tuning set's unknown composers count as unlabelled)."""
-    source = ckpt_io.resolve(None if str(init) == "bundled" else init)
+    source = init_checkpoint(init)
     source_model = ckpt_io.read_config(source / "config.json").model
     if cfg.model.conditioned_on("label") and not cfg.model.labels:
         cfg.model.labels = list(source_model.labels)
