@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -58,8 +57,9 @@ def _training(run: Path) -> dict:
 
 def _before(run: Path, latents: int) -> dict | None:
     """What trained the weights a fine-tuning run (`train --init`, init.json) started from: the
-    source's own record of it (a model bundled by this script), else its steps, and the hours its
-    card states."""
+    source's own record of it (a model bundled by this script), else its steps (hours unknown).
+    Only init.json is read: the source folder may since hold another model (the bundled one
+    is replaced by the model fine-tuned from it)."""
     record = _json(run / "init.json")
     if record is None:
         return None
@@ -68,9 +68,7 @@ def _before(run: Path, latents: int) -> dict | None:
         return info["trained"]
     steps = info.get("step", t.get("steps", 0))
     tokens = steps * t.get("batch_size", 1) * t.get("grad_accum", 1) * latents * info.get("world_size", 1)
-    card = Path(record["source"]) / "MODEL_CARD.md"
-    hours = re.search(r"M target tokens, ([0-9.]+) h on", card.read_text()) if card.is_file() else None
-    return {"steps": steps, "tokens": tokens, "hours": float(hours.group(1)) if hours else None}
+    return {"steps": steps, "tokens": tokens, "hours": None}
 
 
 def _trained(t: dict) -> dict:
