@@ -56,10 +56,13 @@ def _training(run: Path) -> dict:
 
 
 def _before(run: Path, latents: int) -> dict | None:
-    """What trained the weights a fine-tuning run (`train --init`, init.json) started from: the
-    source's own record of it (a model bundled by this script), else its steps (hours unknown).
+    """What trained the weights a fine-tuning run (`train --init`, init.json; for a run made by
+    `train --branch`, that of the run it branched off) started from: the source's own record of
+    it (a model bundled by this script), else its steps (hours unknown).
     Only init.json is read: the source folder may since hold another model (the bundled one
     is replaced by the model fine-tuned from it)."""
+    while not (run / "init.json").is_file() and (run / "branch.json").is_file():
+        run = Path(json.loads((run / "branch.json").read_text())["source"]).parent.parent  # a stage of it
     record = _json(run / "init.json")
     if record is None:
         return None

@@ -11,6 +11,10 @@
 #                                              # go on from the bundled model's weights (a fresh
 #                                              #   optimizer, warm-up, held rate, decay; seed 1, so
 #                                              #   other crops than its first run): runs/bundle/finetune
+#   FROM=runs/bundle/finetune OUT=runs/bundle/stage3 STEPS=4700 DECAY=800 bash recipes/bundle_run.sh branch
+#                                              # go on from a run's latest checkpoint (STEP=N: that
+#                                              #   one) with the recipe as it now stands: optimizer and
+#                                              #   schedule carry on, what was added starts as a no-op
 #   STEPS=1200 bash recipes/bundle_run.sh twin # its unconditioned twin (runs/bundle/twin): the same
 #                                              #   data, seed and held rate, so the two runs' validation
 #                                              #   NLL (the same windows) compare at equal budget
@@ -36,10 +40,12 @@ bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
 perceiver-music prepare "$ASAP" --out "$DATA"
 
+# keyboard_logits lets the model itself rule out what the keys down make impossible (a re-strike
+# of a held key, the release of one up), which attention alone had not learnt by 25 M tokens;
 # timing_remaining tells the time left, and end_windows trains on endings 3-4 times as often as
 # the data holds them: both for pieces that end at the length asked for (bench/conditioning_music.py endings)
 recipe=(--config asap_cpu --data "$DATA" 'model.condition=[label, timing, style, keyboard]'
-        model.timing_remaining=true data.end_windows=0.05
+        model.timing_remaining=true model.keyboard_logits=true data.end_windows=0.05
         train.batch_size=$((8 / PROCS)) train.schedule=wsd train.eval_every=600 train.eval_windows=192
         train.ckpt_every=250 train.seed=0 train.precision=$PRECISION)
 launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train)
@@ -64,11 +70,23 @@ if [ "${1:-train}" = finetune ]; then
     exec "${launch[@]}" "${recipe[@]}" train.seed="${SEED:-1}" --out "$out" "${resume[@]}" \
         train.steps="$STEPS" train.decay_steps="$DECAY"
 fi
+if [ "${1:-train}" = branch ]; then
+    # Go on from a run's latest checkpoint (or STEP=N's) with the recipe as it stands now: its
+    # optimizer and schedule carry on, and what the recipe added since (conditioning, keyboard
+    # logits) starts as a no-op. FROM=run OUT=new run.
+    last=$(ls "$FROM/checkpoints" | grep -E '^step_[0-9]+$' | tail -1)
+    [ -n "${STEP:-}" ] && last=step_$(printf %07d "$STEP")
+    resume=(); [ -e "$OUT/config.json" ] && resume=(--resume)
+    [ -e "$OUT/config.json" ] || resume=(--branch "$FROM/checkpoints/$last")
+    seed=$(python -c "import json; print(json.load(open('$FROM/config.json'))['train']['seed'])")
+    exec "${launch[@]}" "${recipe[@]}" train.seed="$seed" --out "$OUT" "${resume[@]}" \
+        train.steps="$STEPS" train.decay_steps="$DECAY"
+fi
 if [ "${1:-train}" = twin ]; then
     twin=runs/bundle/twin
     resume=(); [ -e "$twin/config.json" ] && resume=(--resume)
     # decay_steps=0: held to its end, as the main run is until its own decay
-    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false --out "$twin" "${resume[@]}" \
+    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false model.keyboard_logits=false --out "$twin" "${resume[@]}" \
         train.steps="$STEPS" train.decay_steps=0
 fi
 resume=(); [ -e "$RUN/config.json" ] && resume=(--resume)

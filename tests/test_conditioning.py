@@ -184,10 +184,18 @@ def _forced_with_time(g, rows, steps):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-@pytest.mark.parametrize("condition", [["label"], ["timing"], ["style"], ["keyboard"], ALL, "remaining"])
+@pytest.mark.parametrize(
+    "condition", [["label"], ["timing"], ["style"], ["keyboard"], ALL, "remaining", "keyboard_logits"]
+)
 def test_cached_logits_equal_the_reference_under_conditioning(name, condition):
     remaining = condition == "remaining"  # all of them, the time left included
-    model = tiny(ALL if remaining else condition, timing_remaining=remaining, **ARCHS[name])
+    direct = condition == "keyboard_logits"  # all of them, the keyboard read into the logits too
+    model = tiny(
+        ALL if remaining or direct else condition,
+        timing_remaining=remaining,
+        keyboard_logits=direct,
+        **ARCHS[name],
+    )
     g = torch.Generator().manual_seed(7)
     prompt = _forced_with_time(g, 2, 13)
     prompt[:, 0] = BOS
@@ -264,6 +272,7 @@ TINY = [
         ("[]", "[label, timing, style]", "label", []),
         ("[label, timing, style]", "[label, timing, style, keyboard]", "keyboard", []),
         ("[label, timing]", "[label, timing]", "remaining", ["model.timing_remaining=true"]),
+        ("[label, keyboard]", "[label, keyboard]", "on_held", ["model.keyboard_logits=true"]),
     ],
 )
 def test_a_run_branches_into_a_conditioned_one_exactly(
@@ -295,12 +304,15 @@ def test_a_run_branches_into_a_conditioned_one_exactly(
     from perceiver_music.checkpoint import load_model
 
     model, _ = load_model(tmp_path / "cond" / "checkpoints" / "step_0000008")
-    learned = getattr(model.conditioner, learns).weight.detach()
+    learned = getattr(model.conditioner, learns)
+    learned = getattr(learned, "weight", learned).detach()
     assert float(learned.abs().sum()) > 0  # it has started to learn
     # The model card tells the stages apart.
     stages = _script("recipes/bundle_model.py")._stages(tmp_path / "cond", 8, saved["condition"])
     before = "unconditioned" if source == "[]" else "conditioned on " + source.strip("[]")
     assert f"steps 0-6 {before}; steps 6-8 conditioned on {target.strip('[]')}" in stages
+    added = "(keyboard logits added (model.keyboard_logits))"
+    assert stages.endswith(added) == ("model.keyboard_logits=true" in extra)
     record = json.loads((tmp_path / "cond" / "branch.json").read_text())
     (tmp_path / "cond" / "branch.json").write_text(json.dumps({**record, "note": "new windows"}))
     again = _script("recipes/bundle_model.py")._stages(tmp_path / "cond", 8, saved["condition"])

@@ -11,15 +11,17 @@ import torch
 from perceiver_music.config import DataConfig, PrepareConfig, TokenizerConfig
 from perceiver_music.data.prepare import prepare
 from perceiver_music.data.windows import Conditions, TokenData, WindowDataset, transpose
+from perceiver_music.model.conditioning import KEYBOARD_LOGIT_SCALE, Cond
 from perceiver_music.sample import CachedStream, ReferenceStream
 from perceiver_music.sample import Conditions as SampleConditions
-from perceiver_music.tokens.performance import BOS, NUM_PITCHES, Vocab, held_at_end, keyboard_state
+from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, Vocab, held_at_end, keyboard_state
 from test_conditioning import tiny
 
 from conftest import random_pieces
 
 TOKENIZER = TokenizerConfig()
 VOCAB = Vocab(TOKENIZER)
+V = 391
 
 
 def loop_state(ids, held_before=None) -> np.ndarray:
@@ -125,3 +127,34 @@ def test_the_sampler_follows_the_state_of_what_it_samples(stream):
     for row in range(2):
         tokens = s.tokens[row, : s.length].numpy()
         assert np.allclose(s.keyboard[row, : s.length].numpy(), keyboard_state(tokens, VOCAB), atol=1e-4)
+
+
+def test_keyboard_logits_fall_on_the_events_the_keyboard_rules_out():
+    """After BOS, NOTE_ON 60, a TIME_SHIFT and NOTE_ON 64: 60 is down, 64 was struck at this
+    instant, 61 is up. Each learnt logit lands on its event, and the gradient of the likelihood of
+    what a performance plays pushes the held key's re-strike down."""
+    model = tiny(["keyboard"], arch="perceiver_ar", scales=["full"], keyboard_logits=True)
+    c = model.conditioner
+    with torch.no_grad():
+        for p, base in ((c.on_held, 1.0), (c.off_silent, 2.0), (c.off_struck, 3.0), (c.eos_held, 4.0)):
+            p.copy_(base + torch.arange(len(p)) / 1000)
+    on, off = VOCAB.note_on, VOCAB.note_off
+    ids = np.array([BOS, on + 60, VOCAB.time_shift + 9, on + 64])
+    state = torch.as_tensor(keyboard_state(ids, VOCAB))[None]  # [1, 4, 128]
+    bias = c.logit_bias(Cond(keyboard=state), 4, V)[0].detach()  # [4, V]
+    s = KEYBOARD_LOGIT_SCALE
+    last = bias[-1]
+    assert last[on + 60] == pytest.approx(s * (1 + 0.060)) and last[on + 61] == 0
+    assert last[off + 61] == pytest.approx(s * (2 + 0.061)) and last[off + 60] == 0
+    assert last[off + 64] == pytest.approx(s * (3 + 0.064))
+    assert last[EOS] == pytest.approx(s * 4) and bias[0, EOS] == 0  # nothing down after BOS
+    assert bias[0, on + 60] == 0 and bias[0, off + 60] == pytest.approx(s * (2 + 0.060))
+    others = torch.ones(V, dtype=torch.bool)
+    others[[EOS, *range(on, on + NUM_PITCHES), *range(off, off + NUM_PITCHES)]] = False
+    assert (bias[:, others] == 0).all()  # time and velocity are never touched
+
+    model.train()
+    tokens = torch.as_tensor(np.append(ids, on + 67))[None]  # the performance goes on: 67 is struck
+    logits = model(tokens[:, :-1], torch.arange(4)[None], num_latents=4, cond=Cond(keyboard=state))
+    model.loss(logits, tokens[:, 1:]).backward()
+    assert c.on_held.grad[60] > 0  # descent lowers the logit of striking 60 again while it is down

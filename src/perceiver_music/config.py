@@ -137,6 +137,10 @@ class ModelConfig:
     # timing also tells the time left (log-spaced, so fine near the end, where the fraction's
     # last bucket spans a 64th of the piece: seconds of a long one)
     timing_remaining: bool = False
+    # with keyboard: also a learnt logit, per pitch, for each event the keyboard makes impossible
+    # (NOTE_ON of a key down, NOTE_OFF of one up or struck at this instant, EOS while keys are
+    # down), so the model itself can give them no probability (model/conditioning.py)
+    keyboard_logits: bool = False
     style_len: int = 512  # reference tokens the style encoder reads
     style_width: int = 128
     style_layers: int = 2
@@ -171,6 +175,8 @@ class ModelConfig:
             raise ConfigError("model.timing_bins must be >= 2, style_len and style_layers >= 1")
         if self.timing_remaining and not self.conditioned_on("timing"):
             raise ConfigError("model.timing_remaining is part of timing: add timing to model.condition")
+        if self.keyboard_logits and not self.conditioned_on("keyboard"):
+            raise ConfigError("model.keyboard_logits reads the keyboard: add keyboard to model.condition")
         if self.style_width % 4:
             raise ConfigError("model.style_width must be a multiple of 4 (its attention heads)")
 

@@ -156,9 +156,11 @@ def window_conditions(cfg: Config) -> Conditions | None:
     )
 
 
-def _write_branch_record(run_dir: Path, source: Path, step: int, t: TrainConfig) -> None:
-    """branch.json: where a branched run started and, for a decay branched off a held (wsd) run,
-    over which steps its rate decayed (its model card tells the stages apart)."""
+def _write_branch_record(run_dir: Path, source: Path, step: int, cfg: Config) -> None:
+    """branch.json: where a branched run started, what it added to the model, and for a decay
+    branched off a held (wsd) run, over which steps its rate decayed (its model card tells the
+    stages apart)."""
+    t = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     source_run = source.parent.parent
     source_cfg = (
@@ -169,9 +171,14 @@ def _write_branch_record(run_dir: Path, source: Path, step: int, t: TrainConfig)
         "step": step,
         "source_condition": source_cfg.get("model", {}).get("condition", []),
     }
+    notes = []
+    if cfg.model.keyboard_logits and not source_cfg.get("model", {}).get("keyboard_logits", False):
+        notes.append("keyboard logits added (model.keyboard_logits)")
     if t.schedule == "wsd" and t.decay_steps:
         start = max(step, t.steps - t.decay_steps)
-        record["note"] = f"learning rate decayed linearly to {t.min_lr:g} over steps {start:,}-{t.steps:,}"
+        notes.append(f"learning rate decayed linearly to {t.min_lr:g} over steps {start:,}-{t.steps:,}")
+    if notes:
+        record["note"] = "; ".join(notes)
     atomic_write_text(run_dir / "branch.json", json.dumps(record, indent=1))
 
 
@@ -511,7 +518,7 @@ def train(
         log_rows = _read_log(source.parent.parent, upto=step)
         if main_process:
             print(f"branched from {source} at step {step}")
-            _write_branch_record(run_dir, source, step, t)
+            _write_branch_record(run_dir, source, step, cfg)
     if init_source is not None and latest is None:
         ckpt_io.load_weights(model, init_source / "model.safetensors", init_source / "config.json")
         if main_process:

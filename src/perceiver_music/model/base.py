@@ -41,6 +41,14 @@ class TokenModel(nn.Module):
             loss = loss + self.cfg.z_loss * flat.logsumexp(-1).square().mean()
         return loss
 
+    def output(self, h: Tensor, cond=None) -> Tensor:
+        """Logits [B, T, vocab] of the final hidden states h [B, T, D]: the head, and where the
+        model reads the keyboard into its logits (model.keyboard_logits), that term."""
+        logits = self.head(self.norm(h))
+        conditioner = getattr(self, "conditioner", None)
+        bias = conditioner.logit_bias(cond, h.shape[1], logits.shape[-1]) if conditioner is not None else None
+        return logits if bias is None else logits + bias
+
     def run_block(self, block: nn.Module, *args) -> Tensor:
         """A block call, recomputed in the backward pass when activation checkpointing is on."""
         if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():

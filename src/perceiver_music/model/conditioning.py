@@ -23,6 +23,13 @@ sampler knows as it goes, so cached generation stays exact.
   it comes from the tokens, the sampler follows it as it samples, and it spares the model
   rebuilding from attention which of 88 keys are down, the one thing that makes a NOTE_OFF
   or NOTE_ON possible.
+  With `keyboard_logits`, the keyboard also reaches the output directly: a learnt logit per
+  pitch for each event it makes impossible (NOTE_ON of a key down, NOTE_OFF of a key up or of
+  one struck at this instant, EOS while keys are down), added to those events' logits. Through
+  the queries alone the model learns these zeros only as far as four layers resolve 88 keys
+  (a model of 25 M training tokens still struck a held key in 6 % of its NOTE_ONs); a direct
+  term lets it learn them outright, so sampling without `generate`'s mask plays the keyboard
+  too. It depends on the tokens only, like the rest, so cached generation stays exact.
 
 The output embeddings and the style projection start at zero, so a conditioned model starts
 out computing exactly what the unconditioned model it extends computes (a run can take
@@ -37,12 +44,16 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor, nn
 
-from perceiver_music.config import ModelConfig
+from perceiver_music.config import ModelConfig, TokenizerConfig
 from perceiver_music.model.attention import Rotary, SelfAttentionBlock
-from perceiver_music.tokens.performance import NUM_PITCHES, PAD
+from perceiver_music.tokens.performance import EOS, NUM_PITCHES, PAD, Vocab
 
 MAX_SECONDS = 3600.0  # timing buckets are log-spaced up to an hour; longer is the last bucket
 STYLE_HEADS = 4
+# Adam moves a parameter about lr per step whatever its gradient, and an impossible event's
+# logit has ~10 nats to fall: scaled, the keyboard logits get there in hundreds of steps.
+KEYBOARD_LOGIT_SCALE = 10.0
+_LAYOUT = Vocab(TokenizerConfig())  # note ids do not depend on the tokenizer's settings
 
 
 @dataclass
@@ -134,6 +145,11 @@ class Conditioner(nn.Module):
             self.no_style = nn.Parameter(torch.zeros(D))
         if cfg.conditioned_on("keyboard"):
             self.keyboard = nn.Linear(2 * NUM_PITCHES, D, bias=False)
+        if cfg.keyboard_logits:  # zeros: a no-op at first, so a trained model can take it on
+            self.on_held = nn.Parameter(torch.zeros(NUM_PITCHES))  # NOTE_ON of a key down
+            self.off_silent = nn.Parameter(torch.zeros(NUM_PITCHES))  # NOTE_OFF of a key up
+            self.off_struck = nn.Parameter(torch.zeros(NUM_PITCHES))  # NOTE_OFF of one just struck
+            self.eos_held = nn.Parameter(torch.zeros(1))  # EOS while a key is down
 
     def zero_outputs(self) -> None:
         """Start as a no-op (called after the model's own initialisation)."""
@@ -199,3 +215,23 @@ class Conditioner(nn.Module):
             features = torch.cat([sounding, sounding * torch.log1p(held.clamp_min(0))], dim=-1)  # [B, T, 256]
             out = out + self.keyboard(features)
         return out.expand(batch, length, -1) if out.shape[1] == 1 else out
+
+    def logit_bias(self, cond: Cond | None, length: int, vocab_size: int) -> Tensor | None:
+        """[B, T, vocab] added to the logits of T = length positions (`keyboard_logits`), or None."""
+        if not self.cfg.keyboard_logits:
+            return None
+        if cond is None or cond.keyboard is None:
+            raise ValueError(
+                "a keyboard-conditioned model needs Cond.keyboard (keyboard_state of its tokens)"
+            )
+        held = cond.keyboard[:, -length:].float()  # [B, T, 128] seconds down, -1: up
+        down, s = held >= 0, KEYBOARD_LOGIT_SCALE
+        zero = held.new_zeros(())
+        bias = held.new_zeros(*held.shape[:2], vocab_size)  # [B, T, V]
+        on, off = _LAYOUT.note_on, _LAYOUT.note_off
+        bias[..., on : on + NUM_PITCHES] = torch.where(down, s * self.on_held, zero)
+        # struck at this instant: held for 0 s (no TIME_SHIFT since its NOTE_ON)
+        struck = torch.where(held == 0, s * self.off_struck, zero)
+        bias[..., off : off + NUM_PITCHES] = torch.where(down, struck, s * self.off_silent)
+        bias[..., EOS] = down.any(-1) * (s * self.eos_held)
+        return bias

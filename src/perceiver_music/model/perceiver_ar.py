@@ -108,7 +108,7 @@ class PerceiverAR(TokenModel):
         mask = causal_mask(q_pos, q_pad)  # over the latents
         for block in self.blocks:
             h = self.run_block(block, h, mask, self.rotary, q_angles)
-        return self.head(self.norm(h))
+        return self.output(h, cond)
 
     def _window(self, window: int | None, band: int | None) -> tuple[int | None, int | None]:
         """(relative, absolute) window of a cross-attention layer. A relative window of W lets the
@@ -166,7 +166,7 @@ class PerceiverAR(TokenModel):
             if refill:
                 kv.base = start
             h = block(h, None, self.rotary, q_angles, kv, start, kv.base)
-        return self.head(self.norm(h))
+        return self.output(h, cond)
 
 
 def drop_prefix(tokens: Tensor, positions: Tensor, pad: Tensor, num_latents: int, rate: float):

@@ -55,7 +55,7 @@ class Transformer(TokenModel):
         )
         for block in self.blocks:
             h = self.run_block(block, h, mask, self.rotary, angles)
-        return self.head(self.norm(h[:, -N:]))
+        return self.output(h[:, -N:], cond)
 
     def embed_inputs(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Input embeddings [B, L, D]; a subclass adds conditioning by position (the audio
@@ -86,4 +86,4 @@ class Transformer(TokenModel):
             h = h + self.conditioner(cond, B, T, tokens.device)
         for block, kv in zip(self.blocks, cache):
             h = block(h, mask, self.rotary, angles, kv, start, lo)
-        return self.head(self.norm(h))
+        return self.output(h, cond)
