@@ -42,10 +42,13 @@ perceiver-music prepare "$ASAP" --out "$DATA"
 
 # keyboard_logits lets the model itself rule out what the keys down make impossible (a re-strike
 # of a held key, the release of one up), which attention alone had not learnt by 25 M tokens;
-# timing_remaining tells the time left, and end_windows trains on endings 3-4 times as often as
-# the data holds them: both for pieces that end at the length asked for (bench/conditioning_music.py endings)
+# context_dropout shows a tenth of the windows no context before their latents, as at a piece's
+# start, where only the conditions say what the piece is (else the context makes the style
+# vector redundant: the model had turned it off); timing_remaining tells the time left, and
+# end_windows trains on endings 3-4 times as often as the data holds them: both for pieces that
+# end at the length asked for (bench/conditioning_music.py endings)
 recipe=(--config asap_cpu --data "$DATA" 'model.condition=[label, timing, style, keyboard]'
-        model.timing_remaining=true model.keyboard_logits=true data.end_windows=0.05
+        model.timing_remaining=true model.keyboard_logits=true model.context_dropout=0.1 data.end_windows=0.05
         train.batch_size=$((8 / PROCS)) train.schedule=wsd train.eval_every=600 train.eval_windows=192
         train.ckpt_every=250 train.seed=0 train.precision=$PRECISION)
 launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train)
@@ -86,7 +89,7 @@ if [ "${1:-train}" = twin ]; then
     twin=runs/bundle/twin
     resume=(); [ -e "$twin/config.json" ] && resume=(--resume)
     # decay_steps=0: held to its end, as the main run is until its own decay
-    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false model.keyboard_logits=false --out "$twin" "${resume[@]}" \
+    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false model.keyboard_logits=false model.context_dropout=0 --out "$twin" "${resume[@]}" \
         train.steps="$STEPS" train.decay_steps=0
 fi
 resume=(); [ -e "$RUN/config.json" ] && resume=(--resume)

@@ -171,9 +171,17 @@ def _write_branch_record(run_dir: Path, source: Path, step: int, cfg: Config) ->
         "step": step,
         "source_condition": source_cfg.get("model", {}).get("condition", []),
     }
-    notes = []
-    if cfg.model.keyboard_logits and not source_cfg.get("model", {}).get("keyboard_logits", False):
-        notes.append("keyboard logits added (model.keyboard_logits)")
+    # the model settings it changed, besides the conditioning named on its own
+    source_model = source_cfg.get("model", {})
+    notes = [
+        f"model.{f.name} {source_model[f.name]} -> {getattr(cfg.model, f.name)}"
+        for f in dataclasses.fields(cfg.model)
+        if f.name not in ("condition", "labels")
+        and f.name in source_model
+        and source_model[f.name] != getattr(cfg.model, f.name)
+    ]
+    if cfg.model.keyboard_logits and "keyboard_logits" not in source_model:
+        notes.append("model.keyboard_logits False -> True")
     if t.schedule == "wsd" and t.decay_steps:
         start = max(step, t.steps - t.decay_steps)
         notes.append(f"learning rate decayed linearly to {t.min_lr:g} over steps {start:,}-{t.steps:,}")
