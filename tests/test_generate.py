@@ -223,7 +223,12 @@ def test_without_ckpt_the_bundled_model_is_used(run_dir, tmp_path, monkeypatch, 
     assert main(["generate", "--out", str(out), "--tokens", "30", "--quiet", "--no-render"]) == 0
     settings = json.loads((out / "generate.json").read_text())
     assert settings["checkpoint"] == "bundled"
-    assert settings["sampling"]["top_p"] == 0.95  # MIDI's default nucleus (generate_settings.MIDI_TOP_P)
+    assert settings["sampling"] == {
+        **settings["sampling"],
+        "top_p": 1.0,
+        "temperature": 1.0,
+        "keyboard": True,
+    }
     TOK.encode(out / "sample_00.mid")
 
 

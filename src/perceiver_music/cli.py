@@ -699,8 +699,6 @@ def _positive_seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from perceiver_music.generate_settings import MIDI_TOP_P  # torch-free, like the rest here
-
     parser = argparse.ArgumentParser(
         prog="perceiver-music",
         description="Long-context music generation with Perceiver AR and PerceiverS.",
@@ -888,7 +886,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument(
-        "--top-p", type=float, default=None, help=f"1: off (default {MIDI_TOP_P} for MIDI, 1 for audio codes)"
+        "--top-p",
+        type=float,
+        default=None,
+        help="keep the likeliest tokens holding this much probability; 1: off, the default (README: Sampling)",
     )
     p.add_argument("--min-p", type=float, default=0.0, help="0: off")
     p.add_argument("--seed", type=int, default=0)
