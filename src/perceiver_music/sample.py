@@ -38,11 +38,19 @@ from perceiver_music.config import TokenizerConfig
 from perceiver_music.generate_settings import PIANO, check_sampling
 from perceiver_music.model.base import TokenModel, autocast
 from perceiver_music.model.conditioning import Cond
-from perceiver_music.tokens.performance import BOS, EOS, NUM_PITCHES, PAD, Vocab, keyboard_state, note_events
+from perceiver_music.tokens.performance import (
+    BOS,
+    EOS,
+    NOTE_OFF,
+    NOTE_ON,
+    NUM_PITCHES,
+    PAD,
+    Vocab,
+    keyboard_state,
+    note_events,
+)
 
-# Note ids do not depend on the tokenizer's settings (only TIME_SHIFT and VELOCITY do).
-_LAYOUT = Vocab(TokenizerConfig())
-NOTE_ON, NOTE_OFF = _LAYOUT.note_on, _LAYOUT.note_off
+_LAYOUT = Vocab(TokenizerConfig())  # for note_events: its note ids are any tokenizer's
 RESTRIKE = ("release", "drop")
 
 

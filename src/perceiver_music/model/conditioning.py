@@ -44,16 +44,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor, nn
 
-from perceiver_music.config import ModelConfig, TokenizerConfig
+from perceiver_music.config import ModelConfig
 from perceiver_music.model.attention import Rotary, SelfAttentionBlock
-from perceiver_music.tokens.performance import EOS, NUM_PITCHES, PAD, Vocab
+from perceiver_music.tokens.performance import EOS, NOTE_OFF, NOTE_ON, NUM_PITCHES, PAD
 
 MAX_SECONDS = 3600.0  # timing buckets are log-spaced up to an hour; longer is the last bucket
 STYLE_HEADS = 4
 # Adam moves a parameter about lr per step whatever its gradient, and an impossible event's
 # logit has ~10 nats to fall: scaled, the keyboard logits get there in hundreds of steps.
 KEYBOARD_LOGIT_SCALE = 10.0
-_LAYOUT = Vocab(TokenizerConfig())  # note ids do not depend on the tokenizer's settings
 
 
 @dataclass
@@ -78,6 +77,13 @@ class Cond:
 
 def _to(x: Tensor | None, device) -> Tensor | None:
     return None if x is None else x.to(device)
+
+
+def _held(cond: Cond | None, length: int) -> Tensor:
+    """[B, T, 128] keyboard state of the last T = length positions."""
+    if cond is None or cond.keyboard is None:
+        raise ValueError("a keyboard-conditioned model needs Cond.keyboard (keyboard_state of its tokens)")
+    return cond.keyboard[:, -length:]
 
 
 def log_bucket(seconds: Tensor, bins: int) -> Tensor:
@@ -206,11 +212,7 @@ class Conditioner(nn.Module):
             styled = torch.where(present[:, None], self.style_proj(vectors.to(out.dtype)), self.no_style)
             out = out + styled[:, None]
         if self.cfg.conditioned_on("keyboard"):
-            if cond.keyboard is None:
-                raise ValueError(
-                    "a keyboard-conditioned model needs Cond.keyboard (keyboard_state of its tokens)"
-                )
-            held = cond.keyboard[:, -length:].to(out.dtype)  # [B, T, 128]
+            held = _held(cond, length).to(out.dtype)  # [B, T, 128]
             sounding = (held >= 0).to(out.dtype)
             features = torch.cat([sounding, sounding * torch.log1p(held.clamp_min(0))], dim=-1)  # [B, T, 256]
             out = out + self.keyboard(features)
@@ -220,18 +222,13 @@ class Conditioner(nn.Module):
         """[B, T, vocab] added to the logits of T = length positions (`keyboard_logits`), or None."""
         if not self.cfg.keyboard_logits:
             return None
-        if cond is None or cond.keyboard is None:
-            raise ValueError(
-                "a keyboard-conditioned model needs Cond.keyboard (keyboard_state of its tokens)"
-            )
-        held = cond.keyboard[:, -length:].float()  # [B, T, 128] seconds down, -1: up
+        held = _held(cond, length).float()  # [B, T, 128] seconds down, -1: up
         down, s = held >= 0, KEYBOARD_LOGIT_SCALE
         zero = held.new_zeros(())
         bias = held.new_zeros(*held.shape[:2], vocab_size)  # [B, T, V]
-        on, off = _LAYOUT.note_on, _LAYOUT.note_off
-        bias[..., on : on + NUM_PITCHES] = torch.where(down, s * self.on_held, zero)
+        bias[..., NOTE_ON : NOTE_ON + NUM_PITCHES] = torch.where(down, s * self.on_held, zero)
         # struck at this instant: held for 0 s (no TIME_SHIFT since its NOTE_ON)
         struck = torch.where(held == 0, s * self.off_struck, zero)
-        bias[..., off : off + NUM_PITCHES] = torch.where(down, struck, s * self.off_silent)
+        bias[..., NOTE_OFF : NOTE_OFF + NUM_PITCHES] = torch.where(down, struck, s * self.off_silent)
         bias[..., EOS] = down.any(-1) * (s * self.eos_held)
         return bias

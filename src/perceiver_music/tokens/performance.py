@@ -32,6 +32,9 @@ from perceiver_music.config import TokenizerConfig
 PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIAL = 3
 NUM_PITCHES = 128
+# Note ids do not depend on the tokenizer's settings (only TIME_SHIFT and VELOCITY do).
+NOTE_ON = NUM_SPECIAL
+NOTE_OFF = NOTE_ON + NUM_PITCHES
 
 # symusic is imported lazily: `tokenize --help` and the config code should not pay for it.
 
@@ -83,8 +86,8 @@ class Vocab:
 
     def __init__(self, cfg: TokenizerConfig):
         self.cfg = cfg
-        self.note_on = NUM_SPECIAL
-        self.note_off = self.note_on + NUM_PITCHES
+        self.note_on = NOTE_ON
+        self.note_off = NOTE_OFF
         self.time_shift = self.note_off + NUM_PITCHES  # id of TIME_SHIFT(1)
         self.velocity = self.time_shift + cfg.max_shift_steps  # id of VELOCITY(1)
         self.size = self.velocity + cfg.velocity_bins
