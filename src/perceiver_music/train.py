@@ -162,26 +162,22 @@ def _write_branch_record(run_dir: Path, source: Path, step: int, cfg: Config) ->
     stages apart)."""
     t = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
-    source_run = source.parent.parent
-    source_cfg = (
-        json.loads((source_run / "config.json").read_text()) if (source_run / "config.json").is_file() else {}
-    )
+    source_file = source.parent.parent / "config.json"
+    # read as a config, so a setting the source's file predates counts at its default
+    source_model = ckpt_io.read_config(source_file).model if source_file.is_file() else None
     record = {
         "source": str(source),
         "step": step,
-        "source_condition": source_cfg.get("model", {}).get("condition", []),
+        "source_condition": list(source_model.condition) if source_model else [],
     }
     # the model settings it changed, besides the conditioning named on its own
-    source_model = source_cfg.get("model", {})
     notes = [
-        f"model.{f.name} {source_model[f.name]} -> {getattr(cfg.model, f.name)}"
+        f"model.{f.name} {getattr(source_model, f.name)} -> {getattr(cfg.model, f.name)}"
         for f in dataclasses.fields(cfg.model)
-        if f.name not in ("condition", "labels")
-        and f.name in source_model
-        and source_model[f.name] != getattr(cfg.model, f.name)
+        if source_model is not None
+        and f.name not in ("condition", "labels")
+        and getattr(source_model, f.name) != getattr(cfg.model, f.name)
     ]
-    if cfg.model.keyboard_logits and "keyboard_logits" not in source_model:
-        notes.append("model.keyboard_logits False -> True")
     if t.schedule == "wsd" and t.decay_steps:
         start = max(step, t.steps - t.decay_steps)
         notes.append(f"learning rate decayed linearly to {t.min_lr:g} over steps {start:,}-{t.steps:,}")
