@@ -303,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             branch=args.branch,
             init=args.init,
         )
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:
         return _fail(str(e))
     if os.environ.get("RANK", "0") != "0" or result.already_finished:
         return 0  # under torchrun rank 0 speaks for all; a finished run has said so
