@@ -54,9 +54,13 @@ recipe=(--config asap_cpu --data "$DATA" 'model.condition=[label, timing, style,
 launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train)
 export OMP_NUM_THREADS=1
 
+branch_point() {  # run: its latest checkpoint's folder name, or with STEP=N that step's
+    if [ -n "${STEP:-}" ]; then printf 'step_%07d' "$STEP"; return; fi
+    ls "$1/checkpoints" | grep -E '^step_[0-9]+$' | tail -1  # not .tmp, not .damaged
+}
+
 if [ "${1:-train}" = decay ]; then
-    last=$(ls "$RUN/checkpoints" | grep -E '^step_[0-9]+$' | tail -1)  # not .tmp, not .damaged
-    [ -n "${STEP:-}" ] && last=step_$(printf %07d "$STEP")  # STEP=N: off that checkpoint instead
+    last=$(branch_point "$RUN")
     step=$((10#${last#step_}))
     out=runs/bundle/decay_$step
     resume=(); [ -e "$out/config.json" ] && resume=(--resume)
@@ -77,8 +81,7 @@ if [ "${1:-train}" = branch ]; then
     # Go on from a run's latest checkpoint (or STEP=N's) with the recipe as it stands now: its
     # optimizer and schedule carry on, and what the recipe added since (conditioning, keyboard
     # logits) starts as a no-op. FROM=run OUT=new run.
-    last=$(ls "$FROM/checkpoints" | grep -E '^step_[0-9]+$' | tail -1)
-    [ -n "${STEP:-}" ] && last=step_$(printf %07d "$STEP")
+    last=$(branch_point "$FROM")
     resume=(); [ -e "$OUT/config.json" ] && resume=(--resume)
     [ -e "$OUT/config.json" ] || resume=(--branch "$FROM/checkpoints/$last")
     seed=$(python -c "import json; print(json.load(open('$FROM/config.json'))['train']['seed'])")
