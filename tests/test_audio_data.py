@@ -88,7 +88,7 @@ def test_rerun_reuses_unchanged_files(folder, tmp_path):
     assert other_rate.reused == 0
 
 
-def test_splits_follow_the_midi_the_audio_was_rendered_from(tmp_path):
+def test_splits_and_labels_follow_the_midi_the_audio_was_rendered_from(tmp_path):
     midi = tmp_path / "midi"
     for name in ("x", "y", "z", "w"):
         write_midi(
@@ -97,11 +97,15 @@ def test_splits_follow_the_midi_the_audio_was_rendered_from(tmp_path):
             else _mkdir(midi / "piece") / f"{name}.mid",
             [(0, 500, 60, 80)],
         )
+    (tmp_path / "labels.csv").write_text(
+        "path,label\npiece/x.mid,Chopin\npiece/y.mid,Chopin\npiece/z.mid,Liszt\n"
+    )
     prepare(
         midi,
         tmp_path / "mdata",
         PrepareConfig(workers=1, valid_fraction=0.3, test_fraction=0.3),
         progress=False,
+        labels=tmp_path / "labels.csv",
     )
     midi_split = {
         p["path"]: p["split"] for p in json.loads((tmp_path / "mdata" / "meta.json").read_text())["pieces"]
@@ -119,6 +123,18 @@ def test_splits_follow_the_midi_the_audio_was_rendered_from(tmp_path):
     for name in ("x", "y", "z", "w"):
         assert audio_split[f"piece/{name}.wav"] == midi_split[f"piece/{name}.mid"]
     assert any("1 files match no MIDI piece" in n for n in result.notes)
+    # The composer comes along (a prior over the codes can be conditioned on it); none where
+    # the MIDI had none, or where no MIDI piece matched.
+    label = {
+        p["path"]: p["label"] for p in json.loads((tmp_path / "adata" / "meta.json").read_text())["pieces"]
+    }
+    assert label == {
+        "piece/x.wav": "Chopin",
+        "piece/y.wav": "Chopin",
+        "piece/z.wav": "Liszt",
+        "piece/w.wav": None,
+        "extra.wav": None,
+    }
 
 
 def _mkdir(path):

@@ -19,6 +19,7 @@ from perceiver_music.audio.codes import (
     UpsamplerWindows,
     codes_meta,
     collate_upsampler,
+    frame_steps,
     ids_of,
     level_dir,
     prepare_codes,
@@ -49,6 +50,7 @@ TINY_PRIOR = [
     "model.scales=[full]",
     "model.dropout=0.0",
     "model.vocab_size=19",  # 3 + 16 codes
+    "model.condition=[]",  # untimed here; the timing tests add it back
     "train.steps=2",
     "train.batch_size=2",
     "train.eval_every=2",
@@ -225,12 +227,48 @@ def test_train_records_the_codec_and_refuses_augmentation_on_codes(work, tmp_pat
     ):
         cfg = load_config("prior_tiny", [o for o in TINY_PRIOR if "vocab" not in o])
         train(cfg, level_dir(work["codes"], 1), tmp_path / "c")
-    with pytest.raises(ConfigError, match="conditions MIDI models only so far"):
+    with pytest.raises(ConfigError, match=r"model.condition \(label\) conditions MIDI models only"):
         train(
-            load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing]"]),
+            load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing,label]"]),
             level_dir(work["codes"], 1),
             tmp_path / "d",
         )
+    with pytest.raises(ConfigError, match=r"model.condition \(timing\) .* an upsampler none"):
+        train(
+            load_config("upsampler_tiny", [*TINY_UPSAMPLER, "model.condition=[timing]"]),
+            level_dir(work["codes"], 0),
+            tmp_path / "e",
+        )
+
+
+def test_frame_steps_move_time_once_a_frame_is_complete():
+    steps = frame_steps(3, 16, 51)  # 3 residual codebooks of 16: ids 3-18, 19-34, 35-50
+    assert steps[:35].sum() == 0 and bool((steps[35:51] == 1).all())
+    ids = np.array([BOS, 3, 19, 35, 18, 34, 50, EOS])  # BOS, two frames, EOS
+    assert np.cumsum(steps[ids]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert frame_steps(1, 16, 19)[3:].sum() == 16 and frame_steps(1, 16, 19)[:3].sum() == 0
+
+
+def test_timing_windows_on_codes_count_frames(work):
+    """Jukebox's timing on the top level: a window's elapsed time is its codes' frames over the
+    frame rate, from the piece's start; the total is the piece's frames."""
+    from perceiver_music.data.windows import Conditions
+
+    data = TokenData(level_dir(work["codes"], 1), "train")
+    rate = data.meta["codec"]["frame_rate"]
+    cfg = load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing]"])
+    windows = WindowDataset(data, cfg.data, 48, 16, train=False, conditions=Conditions(timing=True))
+    seen = 0
+    for i in range(len(windows)):
+        w = windows[i]
+        length = int(data.index[w.piece, 1])
+        assert w.total == pytest.approx((length - 2) / rate)  # BOS and EOS take no time
+        real = w.inputs != 0
+        # the input at piece position p (BOS at 0) is through frame p: p / rate, capped at EOS
+        expected = np.minimum(w.positions[real], length - 2) / rate
+        assert np.allclose(w.elapsed[real], expected)
+        seen += int(w.positions[real].max() > 48)
+    assert seen > 0  # windows deep inside a piece, whose inputs start after its BOS
 
 
 def test_evaluate_gives_nll_per_level_on_code_data(work, tmp_path, capsys):
@@ -321,9 +359,11 @@ def test_upsampler_windows_condition_exactly_as_the_whole_piece(work):
 # ----------------------------------------------------------------------------- sampling
 
 
-def _steps(model, prompt, n, use_cache, mask_args):
+def _steps(model, prompt, n, use_cache, mask_args, **conditioning):
     """Logits at every step and the sampled ids of n steps with the codebook mask."""
-    stream = (CachedStream if use_cache else ReferenceStream)(model, prompt, prompt.shape[1] + n)
+    stream = (CachedStream if use_cache else ReferenceStream)(
+        model, prompt, prompt.shape[1] + n, None, **conditioning
+    )
     mask = CodebookMask(*mask_args)
     gen = torch.Generator().manual_seed(0)
     logits, ids = [stream.current.clone()], []
@@ -376,6 +416,124 @@ def test_cached_sampling_on_codes_equals_the_reference_past_the_context(work):
     assert torch.equal(rows[0], rows[1]) and len(rows[0]) == 103 and bool((rows[0][3:] >= FIRST_CODE).all())
 
 
+def test_cached_sampling_on_codes_stays_exact_under_timing_conditioning():
+    """A top prior told the length (3 residual codebooks, so time moves at every third id):
+    cached logits allclose to the reference at every step, past max_len and through refills,
+    from a prompt cut out of a piece (start_seconds); and the timing reaches the logits."""
+    from perceiver_music.model import build_model
+    from perceiver_music.model.conditioning import Cond
+
+    torch.manual_seed(0)
+    cfg = load_config("prior_tiny", [*TINY_PRIOR, "model.vocab_size=51", "model.condition=[timing]"])
+    prior = build_model(cfg.model).eval()
+    with torch.no_grad():  # its outputs start at zero (a no-op): give the timing something to say
+        for p in prior.conditioner.parameters():
+            p.normal_(0, 1.0)
+    cfg.codes.codebooks, cfg.codes.cardinality = 3, 16
+    seconds = torch.as_tensor(frame_steps(3, 16, 51) / 50.0)  # 50 frames a second
+    prompt = torch.tensor([[3, 19, 35, 4, 20, 36]])  # two frames from inside a piece
+    n = 3 * cfg.model.max_len
+
+    def run(use_cache, total):
+        cond = Cond(total=torch.tensor([total]))
+        return _steps(prior, prompt, n, use_cache, (cfg.codes, 51, 0), cond=cond, token_seconds=seconds,
+                      start_seconds=4.0)  # fmt: skip
+
+    with torch.no_grad():
+        a, ids_a = run(True, 10.0)
+        b, ids_b = run(False, 10.0)
+        c, _ = run(True, 600.0)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert torch.equal(ids_a, ids_b)
+    assert not torch.allclose(a[0], c[0], atol=1e-3)  # another length, other logits
+
+
+def test_generate_audio_tells_a_timing_prior_the_whole_length(work, tmp_path, monkeypatch):
+    """A top prior trained with model.condition=[timing] samples told prompt + continuation,
+    exactly with and without the cache; generate.json says what it was told."""
+    import perceiver_music.audio.generate as audio_generate
+
+    told_to = []
+
+    def recording(model, prompt, n, *args, conditions=None, **kwargs):
+        told_to.append((model.cfg.arch, conditions))
+        return generate(model, prompt, n, *args, conditions=conditions, **kwargs)
+
+    monkeypatch.setattr(audio_generate, "generate", recording)
+    top = tmp_path / "top_timing"
+    train(load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing]"]), level_dir(work["codes"], 1), top,
+          progress=False)  # fmt: skip
+    write_priors(tmp_path / "priors", str(work["codec"]), str(top), {0: str(work["up"])})
+    prompt = work["wav"] / "p1.wav"
+    runs = [
+        generate_audio(tmp_path / "priors", tmp_path / f"g{c}", 0.2, prompt=prompt, seed=4, use_cache=c,
+                       progress=False, png=False)
+        for c in (True, False)
+    ]  # fmt: skip
+    run = CodecRun.load(work["codec"])
+    cx, cy = (run.load_codes(r.codes_files[0])[0] for r in runs)
+    assert all(np.array_equal(cx[lv], cy[lv]) for lv in (0, 1))
+    told = json.loads((tmp_path / "gTrue" / "generate.json").read_text())["total_seconds_told"]
+    assert told == pytest.approx(cx[1].shape[1] / run.cfg.sample_rate * run.model.hops[-1])  # 1.5 s + 0.2 s
+    assert told == pytest.approx(1.7, abs=0.01)
+    # The top prior's sampler got the length and the codes' clock; the upsampler nothing.
+    (arch, timing), (up_arch, none) = told_to[:2]
+    assert arch == "perceiver_ar" and up_arch == "upsampler" and none is None
+    assert timing.total_seconds == pytest.approx(told)
+    # The context is BOS + the prompt's 750 frames cut to max_len ids: the frames dropped came first.
+    rate = run.cfg.sample_rate / run.model.hops[-1]
+    assert timing.start_seconds == pytest.approx((1 + 1.5 * rate - 48 - 1) / rate)
+    assert np.allclose(timing.id_seconds, frame_steps(1, 16, 19) * run.model.hops[-1] / run.cfg.sample_rate)
+
+
+def test_a_top_prior_conditioned_on_composers_generates_as_asked(work, tmp_path, monkeypatch, capsys):
+    """Codes whose recordings carry a composer (prepare-audio --splits-from MIDI with labels):
+    a top prior with model.condition=[timing, label] keeps the label set, `--composer` picks one
+    (guidance mixes in the unconditioned logits); an unknown composer, a composer for a prior
+    without labels and --style are refused before sampling, with the reason."""
+    import perceiver_music.audio.generate as audio_generate
+
+    codes = tmp_path / "codes"
+    shutil.copytree(work["codes"], codes)
+    meta_path = level_dir(codes, 1) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for i, piece in enumerate(meta["pieces"]):
+        piece["label"] = ["Chopin", "Liszt"][i % 2]
+    meta_path.write_text(json.dumps(meta))
+    top = tmp_path / "top_label"
+    train(load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing,label]"]), level_dir(codes, 1), top,
+          progress=False)  # fmt: skip
+    _, cfg = load_model(top)
+    assert sorted(cfg.model.labels) == ["Chopin", "Liszt"]
+    write_priors(tmp_path / "priors", str(work["codec"]), str(top), {0: str(work["up"])})
+
+    told_to = []
+
+    def recording(model, prompt, n, *args, conditions=None, **kwargs):
+        told_to.append(conditions)
+        return generate(model, prompt, n, *args, conditions=conditions, **kwargs)
+
+    monkeypatch.setattr(audio_generate, "generate", recording)
+    out = tmp_path / "out"
+    assert main(["generate", "--ckpt", str(tmp_path / "priors"), "--seconds", "0.1", "--out", str(out), "--quiet",
+                 "--composer", "liszt", "--guidance", "2"]) == 0  # fmt: skip
+    assert told_to[0].label == 1 + cfg.model.labels.index("Liszt") and told_to[0].guidance == 2.0
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["composer"] == "liszt" and settings["guidance"] == 2.0
+    assert len(sf.read(out / "sample_00.wav")[0]) == int(0.1 * SR)
+
+    bad = ["generate", "--seconds", "0.1", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*bad, "--ckpt", str(tmp_path / "priors"), "--composer", "Mozart"]) == 2
+    assert "--composer 'Mozart' is not one the model knows; it knows: " in capsys.readouterr().err
+    assert main([*bad, "--ckpt", str(work["root"] / "priors"), "--composer", "Liszt"]) == 2
+    assert "this model is not conditioned on composers" in capsys.readouterr().err
+    assert main([*bad, "--ckpt", str(tmp_path / "priors"), "--style", str(work["wav"] / "p0.wav")]) == 2
+    assert "audio priors take --composer" in capsys.readouterr().err
+    assert main([*bad, "--ckpt", str(tmp_path / "priors"), "--guidance", "-1"]) == 2
+    assert "--guidance must be >= 0" in capsys.readouterr().err
+    assert len(told_to) == 2 and not (tmp_path / "o").exists()  # nothing sampled for the refused ones
+
+
 def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tmp_path, capsys):
     prompt = work["wav"] / "p0.wav"
     out = tmp_path / "gen"
@@ -400,6 +558,7 @@ def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tm
     assert (
         settings["decoded_level"] == 0
         and settings["prompt_seconds"] == 1.5
+        and settings["total_seconds_told"] is None  # a top prior without timing is told nothing
         and (out / "sample_00.png").is_file()
     )
 

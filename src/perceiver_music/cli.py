@@ -364,6 +364,8 @@ def _generate_audio(args: argparse.Namespace) -> int:
         return _fail("--tokens, --prompt-tokens and --prompt-seconds are for MIDI; audio takes --seconds")
     if args.prompt is not None and not Path(args.prompt).is_file():
         return _fail(f"{args.prompt}: no such prompt file")
+    if args.style is not None:
+        return _fail("--style is a MIDI performance's style, for MIDI models; audio priors take --composer")
     try:
         top_p = 1.0 if args.top_p is None else args.top_p
         check_sampling(args.temperature, args.top_k, top_p, args.min_p, (0, 127))
@@ -382,6 +384,8 @@ def _generate_audio(args: argparse.Namespace) -> int:
             precision=args.precision,
             progress=not args.quiet,
             hop_fraction=args.hop_fraction,
+            composer=args.composer,
+            guidance=args.guidance,
         )
     except (PriorsError, ValueError) as e:
         return _fail(str(e))

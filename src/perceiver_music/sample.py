@@ -84,6 +84,9 @@ class Conditions:
     guidance: float = 1.0  # 1: conditioned logits only; 0: unconditioned; > 1: pushed further
     start_seconds: float = 0.0  # time before the prompt's first token (a prompt cut from a piece)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # how far each token moves time
+    # [V] seconds each token id moves time, for tokens whose clock is not the tokenizer's
+    # TIME_SHIFTs (audio codes: audio.codes.frame_steps / frame rate)
+    id_seconds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.guidance >= 0 or np.isinf(self.guidance):
@@ -106,6 +109,10 @@ class Conditions:
 
     def token_seconds(self, vocab_size: int, device) -> Tensor:
         """[V] seconds each token id moves time forward."""
+        if self.id_seconds is not None:
+            if len(self.id_seconds) != vocab_size:
+                raise ValueError(f"id_seconds has {len(self.id_seconds)} ids, the model {vocab_size}")
+            return torch.as_tensor(self.id_seconds, dtype=torch.float64, device=device)
         steps = Vocab(self.tokenizer).shift_steps(np.arange(vocab_size))
         return torch.as_tensor(steps / self.tokenizer.steps_per_second, dtype=torch.float64, device=device)
 

@@ -274,6 +274,16 @@ def codes_config(meta: dict, current: CodesConfig) -> CodesConfig:
     )
 
 
+def frame_steps(codebooks: int, cardinality: int, vocab_size: int) -> np.ndarray:
+    """[vocab_size] frames each id moves time forward: 1 for a code of the last codebook (a
+    frame's K codes are consecutive, so time moves once the frame is complete), 0 for the rest.
+    The codes' clock for timing conditioning, as TIME_SHIFTs are MIDI's."""
+    steps = np.zeros(vocab_size, np.int64)
+    last = FIRST_CODE + (codebooks - 1) * cardinality
+    steps[last : last + cardinality] = 1
+    return steps
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -334,10 +344,15 @@ def make_code_task(cfg: Config, data_dir):
             raise ConfigError(f"{data_dir}: model.arch=upsampler trains on a level folder of `prepare-codes`")
         return None
     check_code_data(cfg, data_dir, meta)
-    if cfg.model.condition:  # its windows read time from TIME_SHIFTs, which codes do not have
+    # Jukebox's top prior: timing (total length, offset and fraction, read from the codes' clock,
+    # frame_steps) and a label (the recording's composer, where prepare-audio had one). A style
+    # reference and the keyboard are MIDI's; an upsampler's condition is the level above.
+    prior = cfg.model.arch != "upsampler"
+    other = [kind for kind in cfg.model.condition if kind not in ("timing", "label") or not prior]
+    if other:
         raise ConfigError(
-            f"{data_dir}: audio codes; model.condition ({', '.join(cfg.model.condition)}) conditions "
-            "MIDI models only so far: leave model.condition empty"
+            f"{data_dir}: audio codes; model.condition ({', '.join(other)}) conditions MIDI models only; "
+            "a prior over codes takes model.condition=[timing, label], an upsampler none"
         )
     return UpsamplerTask(cfg, data_dir, meta) if cfg.model.arch == "upsampler" else TokenTask(cfg, data_dir)
 

@@ -214,14 +214,17 @@ def _load_one(path: Path, rel: str, cfg: AudioPrepareConfig) -> np.ndarray:
     return to_pcm16(audio)
 
 
-def splits_from_midi(midi_data: Path) -> dict[str, str]:
-    """A MIDI data folder's split of each piece, by path without suffix (a rendering of
-    `a/b.mid` is `a/b.wav`), so audio rendered from MIDI keeps the MIDI's test pieces in test."""
+def splits_from_midi(midi_data: Path) -> dict[str, tuple[str, str | None]]:
+    """A MIDI data folder's (split, label) of each piece, by path without suffix (a rendering
+    of `a/b.mid` is `a/b.wav`), so audio rendered from MIDI keeps the MIDI's test pieces in
+    test, and its composer."""
     meta_path = midi_data / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{midi_data}: no meta.json (--splits-from wants a folder made by `prepare`)")
     meta = json.loads(meta_path.read_text())
-    return {str(Path(p["path"]).with_suffix("")): p["split"] for p in meta.get("pieces", [])}
+    return {
+        str(Path(p["path"]).with_suffix("")): (p["split"], p.get("label")) for p in meta.get("pieces", [])
+    }
 
 
 def _previous_run(out: Path, sample_rate: int) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
@@ -268,7 +271,8 @@ def prepare_audio(
     files = find_audio(root)
     rels = [f.relative_to(root).as_posix() for f in files]
     notes: list[str] = []
-    split_of = {rel: listed.get(str(Path(rel).with_suffix(""))) or hash_split(rel, split) for rel in rels}
+    match = {rel: listed.get(str(Path(rel).with_suffix(""))) for rel in rels}
+    split_of = {rel: m[0] if m else hash_split(rel, split) for rel, m in match.items()}
     if splits_from is not None:
         method = f"the MIDI data in {splits_from}"
         unmatched = sum(str(Path(rel).with_suffix("")) not in listed for rel in rels)
@@ -315,6 +319,7 @@ def prepare_audio(
                 "offset": offsets[s],
                 "length": len(pcm),
                 "seconds": round(seconds, 3),
+                "label": match[rel][1] if match[rel] else None,  # the MIDI piece's (composer)
                 "stamp": stamps[rel],
             }
         )

@@ -32,13 +32,21 @@ import numpy as np
 import torch
 
 from perceiver_music.audio.codec import CodecRun
-from perceiver_music.audio.codes import FIRST_CODE, CodebookMask, codes_of, ids_of, strides_between
+from perceiver_music.audio.codes import (
+    FIRST_CODE,
+    CodebookMask,
+    codes_of,
+    frame_steps,
+    ids_of,
+    strides_between,
+)
 from perceiver_music.audio.data import AudioError, audio_info, read_audio, write_audio
 from perceiver_music.checkpoint import CheckpointError, load_model
 from perceiver_music.codec import CodecError
 from perceiver_music.config import Config
+from perceiver_music.generate_settings import check_conditioning, resolve_label
 from perceiver_music.progress import progress_bar
-from perceiver_music.sample import SamplingConfig, generate
+from perceiver_music.sample import Conditions, SamplingConfig, generate
 from perceiver_music.tokens.performance import BOS
 
 PRIORS_FILE = "priors.json"
@@ -189,12 +197,16 @@ def generate_audio(
     progress: bool = True,
     png: bool = True,
     hop_fraction: float | None = None,
+    composer: str | None = None,
+    guidance: float = 1.0,
 ) -> AudioGenerateResult:
     """`num` recordings of `seconds` (after the prompt), written as sample_NN.wav, their codes
     (sample_NN.codes.npz, every level sampled), spectrograms and generate.json.
 
     hop_fraction: sample the upsamplers in Jukebox's windows (see `_sample_level`) instead of
-    sliding exactly past their context (None, the default)."""
+    sliding exactly past their context (None, the default).
+    composer: a label the top prior was trained with (model.condition has label); guidance:
+    classifier-free guidance of the top prior towards its conditions, as for MIDI."""
     if not (seconds > 0 and math.isfinite(seconds)) or num < 1:
         raise PriorsError(f"--seconds must be positive and --num at least 1 (got {seconds}, {num})")
     if hop_fraction is not None and not 0 < hop_fraction <= 1:
@@ -202,6 +214,12 @@ def generate_audio(
     t0 = time.perf_counter()
     priors = load_priors(priors_dir, device)
     codec = priors.codec
+    top_model = priors.levels[0].cfg.model
+    try:
+        check_conditioning(top_model.condition, top_model.labels, composer, False, guidance, seconds)
+    except ValueError as e:
+        raise PriorsError(f"{priors_dir}: the top prior ({priors.levels[0].run}): {e}") from None
+    label = resolve_label(top_model.labels, composer) if composer else 0
     sr, K = codec.cfg.sample_rate, codec.cfg.codebooks
     if prompt is not None:
         codes, prompt_audio = read_prompt(codec, prompt)
@@ -226,7 +244,7 @@ def generate_audio(
         start = time.perf_counter()
         per_row[lv.level] = _sample_level(
             lv, codes[lv.level], new_frames, num, upper, sampling, seed + lv.level, use_cache, refill, precision,
-            progress, seconds, device, hop_fraction if lv.level < codec.levels - 1 else None,
+            progress, seconds, device, hop_fraction if lv.level < codec.levels - 1 else None, label, guidance,
         )  # fmt: skip
         level_seconds[lv.level] = time.perf_counter() - start
         upper = torch.as_tensor(np.stack([c[0] for c in per_row[lv.level]]), device=device)
@@ -270,6 +288,9 @@ def generate_audio(
         "prompt": None if prompt is None else str(prompt),
         "prompt_seconds": round(keep / sr, 4),
         "seconds": seconds,
+        "total_seconds_told": _length_told(priors.levels[0], codes, new_top),
+        "composer": composer,
+        "guidance": guidance,
         "num": num,
         "sampling": asdict(sampling),
         "seed": seed,
@@ -287,11 +308,19 @@ def generate_audio(
     return result
 
 
+def _length_told(top: Level, prompt_codes: list[np.ndarray], new_frames: int) -> float | None:
+    """The whole length (prompt and continuation) a timing-conditioned top prior is told."""
+    if not top.cfg.model.conditioned_on("timing"):
+        return None
+    return round((prompt_codes[top.level].shape[1] + new_frames) / top.cfg.codes.frame_rate, 4)
+
+
 def _sample_level(
     lv: Level, prompt_codes, new_frames, num, upper, sampling, seed, use_cache, refill, precision, progress,
-    seconds, device, hop_fraction=None,
+    seconds, device, hop_fraction=None, label=0, guidance=1.0,
 ) -> list[np.ndarray]:  # fmt: skip
-    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued.
+    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued
+    (a conditioned top prior told the whole length, and the label, with guidance).
 
     One sample.generate call slides exactly past the context; with `hop_fraction` (upsamplers,
     as Jukebox samples them) the level is sampled in windows instead, each a fresh stream whose
@@ -302,6 +331,7 @@ def _sample_level(
     total = ids.shape[1] + new_frames * K
     hop = total if hop_fraction is None or upper is None else max(1, int(hop_fraction * max_len))
     step = 1.0 / (codes_cfg.frame_rate * K)  # seconds of audio per id
+    id_seconds = frame_steps(K, C, lv.cfg.model.vocab_size) / codes_cfg.frame_rate
     bar = progress_bar(total=round(seconds, 2), desc=f"level {lv.level}", unit="s", enabled=progress)
     window = 0
     while ids.shape[1] < total:
@@ -312,6 +342,16 @@ def _sample_level(
         context, frame0 = ids[:, dropped:].clone(), 1 - dropped
         n = min(total - ids.shape[1], hop if window else max(hop, max_len - context.shape[1]))
         mask = CodebookMask(codes_cfg, lv.cfg.model.vocab_size, context.shape[1], frame0)
+        conditions = None
+        if lv.cfg.model.condition:  # Jukebox's: the whole length, where we are in it, the label
+            timed = lv.cfg.model.conditioned_on("timing")
+            conditions = Conditions(
+                label=label,
+                total_seconds=(prompt_codes.shape[1] + new_frames) / codes_cfg.frame_rate if timed else 0.0,
+                guidance=guidance,
+                start_seconds=float(id_seconds[ids[0, :dropped].cpu().numpy()].sum()),
+                id_seconds=id_seconds,
+            )
         conditioned = (
             model.conditioned(upper, frame0_position=frame0)
             if upper is not None
@@ -330,6 +370,7 @@ def _sample_level(
                 on_token=lambda _: bar.update(min(step, max(0.0, bar.total - bar.n))),
                 precision=precision,
                 logits_mask=mask,
+                conditions=conditions,
             )
         ids = torch.cat([ids, torch.stack([r[context.shape[1] :] for r in rows])], dim=1)
         window += 1

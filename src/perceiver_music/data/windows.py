@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,18 @@ class TokenData:
         pieces = [p for p in self.meta["pieces"] if p["split"] == split]
         self.paths = [p["path"] for p in pieces]
         self.labels: list[str | None] = [p.get("label") for p in pieces]
+
+    @cached_property
+    def clock(self) -> tuple[np.ndarray, float]:
+        """(steps [vocab_size] each token id moves time forward, steps per second): MIDI moves
+        time with its TIME_SHIFTs; audio codes by one frame at each frame's last codebook."""
+        V = int(self.meta["vocab_size"])
+        if self.meta.get("kind") == "codes":
+            from perceiver_music.audio.codes import frame_steps  # audio.codes builds on this module
+
+            c = self.meta["codec"]
+            return frame_steps(c["codebooks"], c["cardinality"], V), float(c["frame_rate"])
+        return Vocab(self.tokenizer).shift_steps(np.arange(V)), float(self.tokenizer.steps_per_second)
 
     def label_names(self) -> list[str]:
         """The labels this split's pieces carry, most pieces first (ties by name)."""
@@ -236,7 +249,7 @@ class WindowDataset:
     def _condition(self, window, tokens, end, begin, chunk, shift, factor, rng) -> None:
         """Fill in what `window` is conditioned on. chunk: tokens[begin:end] as augmented (at
         least the window's inputs and target)."""
-        c, vocab, sps = self.conditions, self.vocab, self.data.tokenizer.steps_per_second
+        c, (steps, sps) = self.conditions, self.data.clock
         piece = window.piece
         drop = rng.random(4) if rng is not None else np.ones(4)  # always 4 draws: a fixed stream
         if drop[3] < c.condition_dropout:
@@ -244,8 +257,8 @@ class WindowDataset:
         if c.labels and drop[0] >= c.label_dropout:
             window.label = self._label_ids[piece]
         if c.timing:
-            before = int(vocab.shift_steps(tokens[:begin]).sum()) * factor
-            elapsed = (before + np.cumsum(vocab.shift_steps(chunk))) / sps  # seconds through each
+            before = int(steps[tokens[:begin]].sum()) * factor
+            elapsed = (before + np.cumsum(steps[chunk])) / sps  # seconds through each
             need = self.max_len + 1
             full = np.zeros(need, np.float32)
             kept = elapsed[-need:]
@@ -253,7 +266,7 @@ class WindowDataset:
             window.elapsed = full[:-1]
             if drop[1] >= c.timing_dropout:
                 if piece not in self._total_steps:
-                    self._total_steps[piece] = int(vocab.shift_steps(tokens).sum())
+                    self._total_steps[piece] = int(steps[tokens].sum())
                 window.total = self._total_steps[piece] * factor / sps
         if c.keyboard:
             window.keyboard = self._keyboard(tokens, begin, chunk, shift, factor)

@@ -165,7 +165,8 @@ def evaluate_likelihood(
             continue
         cond = {}
         if m.conditioned_on("timing"):
-            seconds = np.cumsum(vocab.shift_steps(tokens)) / data.tokenizer.steps_per_second
+            steps, sps = data.clock
+            seconds = np.cumsum(steps[tokens]) / sps
             cond["elapsed"] = seconds
             cond["total"] = float(seconds[-1]) if told else 0.0
         if told and m.conditioned_on("label"):
