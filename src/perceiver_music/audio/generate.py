@@ -237,6 +237,7 @@ def generate_audio(
     new_top = math.ceil(seconds * sr / top_hop)
     sampling = sampling or SamplingConfig(keyboard=False)
     per_row = [[c] * num for c in codes]  # level -> row -> codes [K, T]
+    told = _length_told(priors.levels[0], codes, new_top)
     level_seconds: dict[int, float] = {}
     upper = None
     for lv in priors.levels:
@@ -244,7 +245,8 @@ def generate_audio(
         start = time.perf_counter()
         per_row[lv.level] = _sample_level(
             lv, codes[lv.level], new_frames, num, upper, sampling, seed + lv.level, use_cache, refill, precision,
-            progress, seconds, device, hop_fraction if lv.level < codec.levels - 1 else None, label, guidance,
+            progress, seconds, device, hop_fraction if lv.level < codec.levels - 1 else None,
+            (label, told or 0.0, guidance),
         )  # fmt: skip
         level_seconds[lv.level] = time.perf_counter() - start
         upper = torch.as_tensor(np.stack([c[0] for c in per_row[lv.level]]), device=device)
@@ -288,7 +290,7 @@ def generate_audio(
         "prompt": None if prompt is None else str(prompt),
         "prompt_seconds": round(keep / sr, 4),
         "seconds": seconds,
-        "total_seconds_told": _length_told(priors.levels[0], codes, new_top),
+        "total_seconds_told": told,
         "composer": composer,
         "guidance": guidance,
         "num": num,
@@ -317,10 +319,10 @@ def _length_told(top: Level, prompt_codes: list[np.ndarray], new_frames: int) ->
 
 def _sample_level(
     lv: Level, prompt_codes, new_frames, num, upper, sampling, seed, use_cache, refill, precision, progress,
-    seconds, device, hop_fraction=None, label=0, guidance=1.0,
+    seconds, device, hop_fraction=None, told=(0, 0.0, 1.0),
 ) -> list[np.ndarray]:  # fmt: skip
-    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued
-    (a conditioned top prior told the whole length, and the label, with guidance).
+    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued,
+    a conditioned prior told (label, total seconds, guidance).
 
     One sample.generate call slides exactly past the context; with `hop_fraction` (upsamplers,
     as Jukebox samples them) the level is sampled in windows instead, each a fresh stream whose
@@ -344,10 +346,10 @@ def _sample_level(
         mask = CodebookMask(codes_cfg, lv.cfg.model.vocab_size, context.shape[1], frame0)
         conditions = None
         if lv.cfg.model.condition:  # Jukebox's: the whole length, where we are in it, the label
-            timed = lv.cfg.model.conditioned_on("timing")
+            label, total_seconds, guidance = told
             conditions = Conditions(
                 label=label,
-                total_seconds=(prompt_codes.shape[1] + new_frames) / codes_cfg.frame_rate if timed else 0.0,
+                total_seconds=total_seconds,
                 guidance=guidance,
                 start_seconds=float(id_seconds[ids[0, :dropped].cpu().numpy()].sum()),
                 id_seconds=id_seconds,
