@@ -1,7 +1,9 @@
 """Speed of audio generation at the recipe's sizes: vqvae_tiny, a prior_tiny top prior and an
-upsampler_tiny for level 0, untrained (the cost of a token does not depend on the weights).
+upsampler_tiny for level 0, untrained (the cost of a token does not depend on the weights), or
+a trained PRIORS_DIR (`--priors bundled`: the bundled audio model).
 
     python bench/audio_generate_speed.py --seconds 3 --threads 1 [--out bench/out/audio_speed.json]
+    python bench/audio_generate_speed.py --priors bundled --seconds 20 --threads 2
 
 Prints and writes the wall time of each level and of decoding, and the speed in seconds of
 audio per second of wall time (Jukebox's README: about 3 hours per 20 s on a V100). On a CPU
@@ -22,7 +24,7 @@ import torch
 from perceiver_music.audio.codes import FIRST_CODE, strides_between
 from perceiver_music.audio.generate import generate_audio, write_priors
 from perceiver_music.audio.vqvae import VQVAE
-from perceiver_music.checkpoint import save_best
+from perceiver_music.checkpoint import bundled_audio, save_best
 from perceiver_music.config import load_config
 from perceiver_music.model import build_model
 
@@ -52,14 +54,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--priors", help="a PRIORS_DIR, or 'bundled' (default: untrained, at the tiny sizes)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        priors = build_priors(Path(tmp))
+        if args.priors == "bundled":
+            priors = bundled_audio()
+        else:
+            priors = Path(args.priors) if args.priors else build_priors(Path(tmp))
         t0 = time.perf_counter()
-        result = generate_audio(priors, Path(tmp) / "gen", args.seconds, progress=False, png=False)
+        result = generate_audio(
+            priors, Path(tmp) / "gen", args.seconds, seed=args.seed, progress=False, png=False
+        )
         wall = time.perf_counter() - t0
     row = {
+        "priors": str(priors) if args.priors else "untrained, tiny sizes",
         "seconds_of_audio": args.seconds,
         "threads": args.threads,
         "wall_s": round(wall, 2),

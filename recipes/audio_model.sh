@@ -5,38 +5,40 @@
 # recording; both transcribed back to notes (basic-pitch) and scored by the metric suite
 # against the MIDI of ASAP's test audio.
 #
-#   bash recipes/audio_model.sh                     # LIMIT=60 performances (~5 h of audio)
-#   LIMIT=8 PRIOR_STEPS=200 UP_STEPS=200 bash recipes/audio_model.sh   # a quick pass
+#   bash recipes/audio_model.sh                     # the bundled audio model: about 1.7 h on 2 cores
+#   LIMIT=8 PRIOR_STEPS=200 UP_STEPS=50 bash recipes/audio_model.sh    # a quick pass
+#   LIMIT=60 CODEC_STEPS=9000 PRIOR_STEPS=8000 UP_STEPS=2000 bash ...  # more data, longer (a GPU)
 #   CODEC=runs/codec_bench/tiny bash recipes/audio_model.sh            # a codec trained already
 #
 # Every stage skips what is already done (a run that finished says so; --resume continues a
-# killed one), so the recipe can be re-run after an interruption. Expected times on 2 CPU
-# cores (the machine's; a GPU trains the priors in minutes):
+# killed one), so the recipe can be re-run after an interruption. Times measured for the
+# bundled model on an idle 2-core CPU (AVX2, fp32; a GPU trains the priors in minutes):
 #
-#   1. render + prepare-audio   recipes/render_asap_audio.sh: 4.6x real time, about 1 h for
-#                               LIMIT=60 (measured there)
-#   2. codec                    vqvae_tiny, 9000 steps: about 28 minutes (measured by
-#                               bench/codec.py: 0.184 s a step on the idle 2-core CPU)
-#   3. prepare-codes            both levels; the tiny codec encodes at tens of times real time:
-#                               minutes for a few hours of audio
-#   4. top prior                prior_tiny, PRIOR_STEPS=4000 steps of 8 windows x 256 targets:
-#                               about 5.5 h (measured: 420 targets/s, 4.9 s a step, on one
-#                               thread of a 2-core CPU shared with a training run)
-#   5. upsampler                upsampler_tiny, UP_STEPS=1000 steps of 8 windows x 1,024
-#                               targets: about 6 h (measured: 400 targets/s, 20 s a step); its
-#                               config's 4000 steps take a day there, minutes on a GPU
-#   6. generate                 20 s: about 12 minutes on one thread of a loaded 2-core CPU
-#                               (bench/audio_generate_speed.py: 3 s of audio in 105 s at these
-#                               sizes; README, "Audio priors")
+#   1. render + prepare-audio   recipes/render_asap_audio.sh, one FluidSynth a core: LIMIT=20
+#                               (plus 2 valid and 2 test pieces: 1.9 h of audio) in 3.5 min,
+#                               32x real time
+#   2. codec                    vqvae_tiny, CODEC_STEPS=4000 steps: 13 minutes (0.15-0.2 s a
+#                               step; its level-0 spectral convergence is within 1.5 dB of 9,667
+#                               steps', README "The audio codec")
+#   3. prepare-codes            both levels, 1.9 h of audio in 63 s
+#   4+5. the priors, side by side, one core each:
+#        top prior              prior_tiny, PRIOR_STEPS=2300 steps of 8 windows x 256 targets,
+#                               2.0 s a step: about 80 minutes
+#        upsampler              upsampler_tiny, UP_STEPS=460 steps of 8 windows x 1,024
+#                               targets, 10 s a step: about 80 minutes (its config's 4000 steps
+#                               take 11 h here, minutes on a GPU)
+#   6. generate                 20 s, and 10 s continuing a test recording (README, "Audio priors")
+#   7. transcribe + metric suite
+#   8. bench/audio_continuation.py: 4 held-out recordings continued for 5 s, and 5 s unprompted
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-data/asap_audio}
 RUNS=${RUNS:-runs/audio}
-LIMIT=${LIMIT:-60}
-CODEC_STEPS=${CODEC_STEPS:-9000}
-PRIOR_STEPS=${PRIOR_STEPS:-4000}
-UP_STEPS=${UP_STEPS:-1000}
+LIMIT=${LIMIT:-20}
+CODEC_STEPS=${CODEC_STEPS:-4000}
+PRIOR_STEPS=${PRIOR_STEPS:-2300}
+UP_STEPS=${UP_STEPS:-460}
 SECONDS_OUT=${SECONDS_OUT:-20}
 
 if [ "${SETUP:-1}" = 1 ]; then  # SETUP=0: use the perceiver-music and python already on PATH
@@ -45,10 +47,10 @@ if [ "${SETUP:-1}" = 1 ]; then  # SETUP=0: use the perceiver-music and python al
 fi
 
 stage() { echo; echo "== $1 ($(date -u +%H:%M:%S) UTC)"; }
-train_run() {  # CONFIG DATA RUN STEPS: train, or continue a run that exists
+train_run() {  # CONFIG DATA RUN STEPS [OVERRIDE...]: train, or continue a run that exists
     local resume=()
     [ -d "$3/checkpoints" ] && resume=(--resume)
-    perceiver-music train --config "$1" --data "$2" --out "$3" "${resume[@]}" train.steps="$4"
+    perceiver-music train --config "$1" --data "$2" --out "$3" "${resume[@]}" train.steps="$4" "${@:5}"
 }
 
 stage "1. render ASAP and prepare the audio (LIMIT=$LIMIT)"
@@ -63,11 +65,23 @@ train_run vqvae_tiny "$OUT/data" "$RUNS/codec" "$CODEC_STEPS"
 stage "3. prepare-codes: every level"
 perceiver-music prepare-codes "$OUT/data" --codec "$RUNS/codec" --out "$OUT/codes"
 
-stage "4. the top prior (level 1): prior_tiny, $PRIOR_STEPS steps"
-train_run prior_tiny "$OUT/codes/level1" "$RUNS/top" "$PRIOR_STEPS"
-
-stage "5. the upsampler (level 0): upsampler_tiny, $UP_STEPS steps"
-train_run upsampler_tiny "$OUT/codes/level0" "$RUNS/up0" "$UP_STEPS"
+# The top prior and the upsampler need nothing of each other (both read codes), so they train
+# side by side, a core each: on a small CPU that beats two threads each in turn, since a step
+# at these sizes does not keep two threads busy.
+stage "4+5. the top prior (level 1, prior_tiny, $PRIOR_STEPS steps) and the upsampler (level 0, upsampler_tiny, $UP_STEPS steps), side by side"
+threads=$(( $(nproc) / 2 ))
+[ "$threads" -ge 1 ] || threads=1
+train_run prior_tiny "$OUT/codes/level1" "$RUNS/top" "$PRIOR_STEPS" train.threads="$threads" > "$RUNS/top.log" 2>&1 &
+top_pid=$!
+# A short run: a short warm-up, and an evaluation (and checkpoint) every 100 steps so that the
+# best checkpoint is near the end.
+up_eval=$(( UP_STEPS < 1000 ? 100 : 250 ))
+train_run upsampler_tiny "$OUT/codes/level0" "$RUNS/up0" "$UP_STEPS" train.threads="$threads" \
+    train.warmup_steps=$(( UP_STEPS < 2000 ? 40 : 200 )) train.eval_every="$up_eval" \
+    train.ckpt_every="$up_eval" train.eval_windows=32 > "$RUNS/up0.log" 2>&1 &
+up_pid=$!
+wait "$top_pid" || { echo "the top prior failed: $RUNS/top.log" >&2; exit 1; }
+wait "$up_pid" || { echo "the upsampler failed: $RUNS/up0.log" >&2; exit 1; }
 
 stage "6. the PRIORS_DIR, NLL per level on the test split, and generation"
 mkdir -p "$RUNS/priors"
@@ -121,4 +135,8 @@ perceiver-music evaluate --generated "$RUNS/transcribed/generated" "$RUNS/transc
     "$RUNS/transcribed/test-audio" --names generated,continued,test-audio --reference "$ref" \
     --out "$RUNS/eval_transcribed"
 echo "metric suite of the transcribed audio (test-audio: the ceiling): $RUNS/eval_transcribed/table.md"
+
+stage "8. does a continuation follow its prompt? Held-out recordings continued, against unprompted audio"
+python bench/audio_continuation.py --priors "$RUNS/priors" --data "$OUT/data" --splits test valid \
+    --out "$RUNS/continuation.json"
 echo "then: python recipes/bundle_audio_model.py copies the codec and priors into the package (generate --audio)"

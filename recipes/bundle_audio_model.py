@@ -88,6 +88,8 @@ def _describe(name: str, what: str, ckpt: Path) -> str:
             f"{m['arch']}, {m['layers']} layers, width {m['width']}, context {m['max_len']:,} codes "
             f"({context:.2f} s of audio)"
         )
+        if m.get("condition"):
+            shape += f", conditioned on {' and '.join(m['condition'])}"
     return (
         f"| {what} | `{name}/` | {shape} | {t['steps']:,} steps of {tr['batch_size']} "
         f"(best at {t['best_step']:,}), {t['hours']:.1f} h | {size:.1f} MB |"
@@ -135,6 +137,15 @@ def card(runs: Path, data: Path, models: dict[str, tuple[Path, str]], hardware: 
         *[_describe(name, what, ckpt) for name, (ckpt, what) in models.items()],
         "",
         f"Trained on {hardware}.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "perceiver-music generate --audio --seconds 20 --out out/audio                  # from nothing",
+        "perceiver-music generate --audio --prompt recording.wav --seconds 10 --out out/continued",
+        "```",
+        "",
+        "A prompt is a recording at the codec's sample rate; the output keeps it sample for sample.",
     ]
     codec_eval = _json(runs / "eval_codec" / "codec_eval.json")
     if codec_eval is not None:
@@ -185,6 +196,28 @@ def card(runs: Path, data: Path, models: dict[str, tuple[Path, str]], hardware: 
         ]
         if (runs / name / "sample_00.png").is_file():
             lines += ["", f"![{name}]({name}.png)"]
+    follows = _json(runs / "continuation.json")
+    if follows is not None:
+        m, st = follows["mean"], follows["settings"]
+        lines += [
+            "",
+            "## Does a continuation follow its prompt?",
+            "",
+            f"`bench/audio_continuation.py`: {follows['recordings']} held-out recordings, {st['prompt_seconds']:g} s of",
+            f"each as the prompt, continued for {st['seconds']:g} s; the same length generated without a prompt",
+            "is the baseline. Each against what the recording really plays next:",
+            "",
+            "| | pitch-class profile, cosine (higher: nearer) | mean log-mel, dB apart (lower: nearer) |",
+            "| --- | ---: | ---: |",
+            *[
+                f"| {label} | {m[key]['chroma_cosine']:.3f} | {m[key]['mel_db_distance']:.2f} |"
+                for key, label in (
+                    ("continued", "continued from the prompt"),
+                    ("unprompted", "generated without a prompt"),
+                    ("prompt_itself", "the prompt's own last seconds (ceiling)"),
+                )
+            ],
+        ]
     table = runs / "eval_transcribed" / "table.md"
     if table.is_file():
         lines += [

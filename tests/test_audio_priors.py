@@ -655,8 +655,19 @@ def test_the_bundle_recipe_makes_the_model_generate_audio_uses(work, tmp_path, m
     generate_audio(runs / "priors", runs / "generated", 0.1, seed=1, progress=False)
     bundle = tmp_path / "bundled_audio"
     monkeypatch.setattr(recipe, "BUNDLED_AUDIO", bundle)
+    follows = {  # as bench/audio_continuation.py writes it
+        "recordings": 2,
+        "settings": {"prompt_seconds": 5.0, "seconds": 4.0},
+        "mean": {
+            "continued": {"chroma_cosine": 0.8123, "mel_db_distance": 3.21},
+            "unprompted": {"chroma_cosine": 0.6012, "mel_db_distance": 7.5},
+            "prompt_itself": {"chroma_cosine": 0.9, "mel_db_distance": 2.0},
+        },
+    }
+    (runs / "continuation.json").write_text(json.dumps(follows))
     assert recipe.main(["--runs", str(runs), "--data", str(work["root"])]) == 0
     card = (bundle / "MODEL_CARD.md").read_text()
+    assert "2 held-out recordings, 5 s of" in card and "| continued from the prompt | 0.812 | 3.21 |" in card
     assert "CC BY-NC-SA 4.0" in card and "| upsampler to level 0 | `up0/` | upsampler," in card
     assert all(f"{r['nats_per_code']:.4f}" in card for r in rows)  # NLL per level, as measured
     assert "s of audio per second" in card and (bundle / "generated.png").is_file()
