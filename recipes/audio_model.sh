@@ -28,11 +28,12 @@
 #                               targets, 10 s a step: about 80 minutes (its config's 4000 steps
 #                               take 11 h here, minutes on a GPU)
 #   6. generate                 20 s, and 10 s continuing a test recording (README, "Audio priors")
-#   7. transcribe + metric suite
+#   7. transcribe + metric suite, against every ASAP test performance (97)
 #   8. bench/audio_continuation.py: 4 held-out recordings continued for 5 s, and 5 s unprompted
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+ASAP=${ASAP:-../shared/data/asap}
 OUT=${OUT:-data/asap_audio}
 RUNS=${RUNS:-runs/audio}
 LIMIT=${LIMIT:-20}
@@ -54,7 +55,7 @@ train_run() {  # CONFIG DATA RUN STEPS [OVERRIDE...]: train, or continue a run t
 }
 
 stage "1. render ASAP and prepare the audio (LIMIT=$LIMIT)"
-SETUP=0 OUT="$OUT" LIMIT="$LIMIT" RATE=22050 bash recipes/render_asap_audio.sh
+SETUP=0 ASAP="$ASAP" OUT="$OUT" LIMIT="$LIMIT" RATE=22050 bash recipes/render_asap_audio.sh
 
 if [ -n "${CODEC:-}" ] && [ ! -e "$RUNS/codec" ]; then  # CODEC=RUN: a codec trained already
     mkdir -p "$RUNS" && cp -r "$CODEC" "$RUNS/codec"          # (e.g. bench/codec.py --work DIR's DIR/tiny)
@@ -112,17 +113,21 @@ echo "generated: $RUNS/generated/sample_00.wav, continued: $RUNS/continued/sampl
 stage "7. the generated audio transcribed (basic-pitch) and scored by the metric suite against ASAP test"
 # The ceiling: the test audio itself, transcribed the same way (the transcriber's own error;
 # bench/transcribe.py measures it note by note).
-sets=$(python - "$OUT" <<'PY'
-import json, sys
+sets=$(python - "$OUT" "$ASAP" <<'PY'
+import json, shutil, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, asap = Path(sys.argv[1]), Path(sys.argv[2]).resolve()
 test = [p["path"] for p in json.loads((out / "data" / "meta.json").read_text())["pieces"] if p["split"] == "test"]
+# The reference: every ASAP test performance (a handful of rendered test files is too few for
+# the suite's distance densities), the MIDI the test audio was rendered from among them.
 ref = out / "test_midi"
-ref.mkdir(exist_ok=True)
-for rel in test:  # the reference: the MIDI the test audio was rendered from
-    src = (out / "midi" / rel).with_suffix(".mid")
-    if not (ref / src.name).exists():
-        (ref / src.name).symlink_to(src.resolve())
+shutil.rmtree(ref, ignore_errors=True)  # made anew: no link left from another selection
+ref.mkdir()
+pieces = json.loads((out / "asap_midi" / "meta.json").read_text())["pieces"]
+for rel in (p["path"] for p in pieces if p["split"] == "test"):
+    link = ref / rel.replace("/", "__")
+    if not link.exists():
+        link.symlink_to(asap / rel)
 print(ref, " ".join(str(out / "wav" / rel) for rel in test))
 PY
 )

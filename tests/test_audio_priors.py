@@ -227,11 +227,17 @@ def test_train_records_the_codec_and_refuses_augmentation_on_codes(work, tmp_pat
     ):
         cfg = load_config("prior_tiny", [o for o in TINY_PRIOR if "vocab" not in o])
         train(cfg, level_dir(work["codes"], 1), tmp_path / "c")
-    with pytest.raises(ConfigError, match=r"model.condition \(label\) conditions MIDI models only"):
+    with pytest.raises(ConfigError, match=r"model.condition \(style\) conditions MIDI models only"):
         train(
-            load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing,label]"]),
+            load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing,style]"]),
             level_dir(work["codes"], 1),
             tmp_path / "d",
+        )
+    with pytest.raises(ConfigError, match="model.condition has 'label' but no training piece has a label"):
+        train(  # these recordings came with no composer
+            load_config("prior_tiny", [*TINY_PRIOR, "model.condition=[timing,label]"]),
+            level_dir(work["codes"], 1),
+            tmp_path / "d2",
         )
     with pytest.raises(ConfigError, match=r"model.condition \(timing\) .* an upsampler none"):
         train(
