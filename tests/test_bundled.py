@@ -89,3 +89,26 @@ def test_bundle_recipe_writes_weights_and_a_card_with_the_measured_figures(tiny_
 def test_bundle_recipe_refuses_a_missing_run(tmp_path, capsys):
     assert load_recipe().main(["--runs", str(tmp_path), "--data", str(tmp_path)]) == 1
     assert "run recipes/default_model.sh first" in capsys.readouterr().err
+
+
+def test_the_bundled_audio_model_is_checked_small_documented_and_plays(tmp_path):
+    """The audio model `generate --audio` uses: its runs pass the PRIORS_DIR checks against its
+    codec, fit the 40 MB budget, its card carries the licence and what was measured, and it
+    generates audible audio of the length asked."""
+    import numpy as np
+    import soundfile as sf
+
+    from perceiver_music.audio.generate import generate_audio, load_priors
+
+    root = checkpoint.bundled_audio()
+    priors = load_priors(root)
+    assert [lv.level for lv in priors.levels] == [1, 0]  # the top prior, then the upsampler to level 0
+    assert priors.levels[0].cfg.model.conditioned_on("timing")  # Jukebox's top prior is told the length
+    assert sum(f.stat().st_size for f in root.rglob("*.safetensors")) <= 40_000_000
+    card = (root / "MODEL_CARD.md").read_text()
+    assert "CC BY-NC-SA 4.0" in card and "nats/code" in card and "s of audio per second" in card
+    assert (root / "generated.png").is_file() and (root / "continued.png").is_file()
+    result = generate_audio(root, tmp_path, 0.05, seed=1, progress=False, png=False)
+    audio, sr = sf.read(result.audio_files[0])
+    assert sr == priors.codec.cfg.sample_rate and len(audio) == round(0.05 * sr)
+    assert np.sqrt(np.mean(audio**2)) > 1e-4  # not silence
