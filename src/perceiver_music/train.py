@@ -302,9 +302,13 @@ class TokenTask:
         if m.conditioned_on("label") and not m.labels:
             m.labels = train_data.label_names()  # saved in config.json: the checkpoint's label set
             if not m.labels:
+                how = (  # codes take their recordings' labels, which come from the MIDI they were rendered from
+                    "prepare-audio --splits-from MIDI_DATA_DIR, then prepare-codes"
+                    if train_data.meta.get("kind") == "codes"
+                    else "prepare --labels FILE.csv, or ASAP/MAESTRO metadata"
+                )
                 raise ConfigError(
-                    f"{data_dir}: model.condition has 'label' but no training piece has a label "
-                    "(prepare --labels FILE.csv, or ASAP/MAESTRO metadata)"
+                    f"{data_dir}: model.condition has 'label' but no training piece has a label ({how})"
                 )
         conditions = window_conditions(cfg)
         self.train_windows = WindowDataset(
