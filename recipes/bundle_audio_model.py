@@ -18,8 +18,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_AUDIO = REPO / "src" / "perceiver_music" / "bundled" / "audio"
 MAX_BYTES = 40 * 1000 * 1000  # codec and priors together
@@ -110,7 +108,7 @@ def _notes_heard(runs: Path) -> list[str]:
         notes = seconds = 0.0
         for mid in sorted((runs / "transcribed" / name).glob("*.mid")):
             score = symusic.Score(str(mid), ttype="second")
-            notes += sum(int((np.asarray(t.notes.numpy()["time"]) >= after).sum()) for t in score.tracks)
+            notes += sum(int((t.notes.numpy()["time"] >= after).sum()) for t in score.tracks)
             seconds += g["seconds"] if g else score.end()
         if seconds:
             what = f"{name} (after its {after:g} s prompt)" if after else name

@@ -275,7 +275,7 @@ def prepare_audio(
     split_of = {rel: m[0] if m else hash_split(rel, split) for rel, m in match.items()}
     if splits_from is not None:
         method = f"the MIDI data in {splits_from}"
-        unmatched = sum(str(Path(rel).with_suffix("")) not in listed for rel in rels)
+        unmatched = sum(m is None for m in match.values())
         if unmatched:
             notes.append(f"{unmatched} files match no MIDI piece there and were split by hash of their path")
     else:

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +238,15 @@ def generate_audio(
     sampling = sampling or SamplingConfig(keyboard=False)
     per_row = [[c] * num for c in codes]  # level -> row -> codes [K, T]
     told = _length_told(priors.levels[0], codes, new_top)
+    top_conditions = None  # what a conditioned top prior is told; start_seconds per window
+    if top_model.condition:
+        tc = priors.levels[0].cfg.codes
+        top_conditions = Conditions(
+            label=label,
+            total_seconds=told or 0.0,
+            guidance=guidance,
+            id_seconds=frame_steps(tc.codebooks, tc.cardinality, top_model.vocab_size) / tc.frame_rate,
+        )
     level_seconds: dict[int, float] = {}
     upper = None
     for lv in priors.levels:
@@ -246,7 +255,7 @@ def generate_audio(
         per_row[lv.level] = _sample_level(
             lv, codes[lv.level], new_frames, num, upper, sampling, seed + lv.level, use_cache, refill, precision,
             progress, seconds, device, hop_fraction if lv.level < codec.levels - 1 else None,
-            (label, told or 0.0, guidance),
+            top_conditions if lv is priors.levels[0] else None,
         )  # fmt: skip
         level_seconds[lv.level] = time.perf_counter() - start
         upper = torch.as_tensor(np.stack([c[0] for c in per_row[lv.level]]), device=device)
@@ -319,10 +328,10 @@ def _length_told(top: Level, prompt_codes: list[np.ndarray], new_frames: int) ->
 
 def _sample_level(
     lv: Level, prompt_codes, new_frames, num, upper, sampling, seed, use_cache, refill, precision, progress,
-    seconds, device, hop_fraction=None, told=(0, 0.0, 1.0),
+    seconds, device, hop_fraction=None, conditions=None,
 ) -> list[np.ndarray]:  # fmt: skip
-    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued,
-    a conditioned prior told (label, total seconds, guidance).
+    """Each row's codes [K, prompt + new_frames] of one level: the prompt's codes continued
+    (a conditioned prior under `conditions`, each window told the time before its context).
 
     One sample.generate call slides exactly past the context; with `hop_fraction` (upsamplers,
     as Jukebox samples them) the level is sampled in windows instead, each a fresh stream whose
@@ -333,7 +342,6 @@ def _sample_level(
     total = ids.shape[1] + new_frames * K
     hop = total if hop_fraction is None or upper is None else max(1, int(hop_fraction * max_len))
     step = 1.0 / (codes_cfg.frame_rate * K)  # seconds of audio per id
-    id_seconds = frame_steps(K, C, lv.cfg.model.vocab_size) / codes_cfg.frame_rate
     bar = progress_bar(total=round(seconds, 2), desc=f"level {lv.level}", unit="s", enabled=progress)
     window = 0
     while ids.shape[1] < total:
@@ -344,16 +352,10 @@ def _sample_level(
         context, frame0 = ids[:, dropped:].clone(), 1 - dropped
         n = min(total - ids.shape[1], hop if window else max(hop, max_len - context.shape[1]))
         mask = CodebookMask(codes_cfg, lv.cfg.model.vocab_size, context.shape[1], frame0)
-        conditions = None
-        if lv.cfg.model.condition:  # Jukebox's: the whole length, where we are in it, the label
-            label, total_seconds, guidance = told
-            conditions = Conditions(
-                label=label,
-                total_seconds=total_seconds,
-                guidance=guidance,
-                start_seconds=float(id_seconds[ids[0, :dropped].cpu().numpy()].sum()),
-                id_seconds=id_seconds,
-            )
+        told = None
+        if conditions is not None:  # the codes dropped before this context came first
+            before = float(conditions.id_seconds[ids[0, :dropped].cpu().numpy()].sum())
+            told = replace(conditions, start_seconds=before)
         conditioned = (
             model.conditioned(upper, frame0_position=frame0)
             if upper is not None
@@ -372,7 +374,7 @@ def _sample_level(
                 on_token=lambda _: bar.update(min(step, max(0.0, bar.total - bar.n))),
                 precision=precision,
                 logits_mask=mask,
-                conditions=conditions,
+                conditions=told,
             )
         ids = torch.cat([ids, torch.stack([r[context.shape[1] :] for r in rows])], dim=1)
         window += 1
