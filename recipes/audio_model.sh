@@ -5,7 +5,7 @@
 # recording; both transcribed back to notes (basic-pitch) and scored by the metric suite
 # against the MIDI of ASAP's test audio.
 #
-#   bash recipes/audio_model.sh                     # the bundled audio model: about 1.7 h on 2 cores
+#   bash recipes/audio_model.sh                     # the bundled audio model: about 1.8 h on 2 cores
 #   LIMIT=8 PRIOR_STEPS=200 UP_STEPS=50 bash recipes/audio_model.sh    # a quick pass
 #   LIMIT=60 CODEC_STEPS=9000 PRIOR_STEPS=8000 UP_STEPS=2000 bash ...  # more data, longer (a GPU)
 #   CODEC=runs/codec_bench/tiny bash recipes/audio_model.sh            # a codec trained already
@@ -23,13 +23,15 @@
 #   3. prepare-codes            both levels, 1.9 h of audio in 63 s
 #   4+5. the priors, side by side, one core each:
 #        top prior              prior_tiny, PRIOR_STEPS=2300 steps of 8 windows x 256 targets,
-#                               2.0 s a step: about 80 minutes
+#                               1.8 s a step: 70 minutes
 #        upsampler              upsampler_tiny, UP_STEPS=460 steps of 8 windows x 1,024
-#                               targets, 10 s a step: about 80 minutes (its config's 4000 steps
-#                               take 11 h here, minutes on a GPU)
-#   6. generate                 20 s, and 10 s continuing a test recording (README, "Audio priors")
+#                               targets, 6.8 s a step: 52 minutes (its config's 4000 steps
+#                               would take 7.6 h here, minutes on a GPU)
+#   6. NLL per level, the codec on the test audio, 20 s generated (4.5 min) and 10 s
+#      continuing a test recording (2 min) (README, "Audio priors")
 #   7. transcribe + metric suite, against every ASAP test performance (97)
 #   8. bench/audio_continuation.py: 4 held-out recordings continued for 5 s, and 5 s unprompted
+#      (9 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -125,9 +127,7 @@ shutil.rmtree(ref, ignore_errors=True)  # made anew: no link left from another s
 ref.mkdir()
 pieces = json.loads((out / "asap_midi" / "meta.json").read_text())["pieces"]
 for rel in (p["path"] for p in pieces if p["split"] == "test"):
-    link = ref / rel.replace("/", "__")
-    if not link.exists():
-        link.symlink_to(asap / rel)
+    (ref / rel.replace("/", "__")).symlink_to(asap / rel)
 print(ref, " ".join(str(out / "wav" / rel) for rel in test))
 PY
 )
