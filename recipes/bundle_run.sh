@@ -48,7 +48,7 @@ perceiver-music prepare "$ASAP" --out "$DATA"
 # end_windows trains on endings 3-4 times as often as the data holds them: both for pieces that
 # end at the length asked for (bench/conditioning_music.py endings)
 recipe=(--config asap_cpu --data "$DATA" 'model.condition=[label, timing, style, keyboard]'
-        model.timing_remaining=true model.keyboard_logits=true model.context_dropout=0.1 data.end_windows=0.05
+        model.timing_remaining=true model.keyboard_logits=true model.style_logits=true model.context_dropout=0.1 data.end_windows=0.05
         train.batch_size=$((8 / PROCS)) train.schedule=wsd train.eval_every=600 train.eval_windows=192
         train.ckpt_every=250 train.seed=0 train.precision=$PRECISION)
 launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train)
@@ -92,7 +92,7 @@ if [ "${1:-train}" = twin ]; then
     twin=runs/bundle/twin
     resume=(); [ -e "$twin/config.json" ] && resume=(--resume)
     # decay_steps=0: held to its end, as the main run is until its own decay
-    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false model.keyboard_logits=false model.context_dropout=0 --out "$twin" "${resume[@]}" \
+    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false model.keyboard_logits=false model.style_logits=false model.context_dropout=0 --out "$twin" "${resume[@]}" \
         train.steps="$STEPS" train.decay_steps=0
 fi
 resume=(); [ -e "$RUN/config.json" ] && resume=(--resume)

@@ -185,15 +185,18 @@ def _forced_with_time(g, rows, steps):
 
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize(
-    "condition", [["label"], ["timing"], ["style"], ["keyboard"], ALL, "remaining", "keyboard_logits"]
+    "condition",
+    [["label"], ["timing"], ["style"], ["keyboard"], ALL, "remaining", "keyboard_logits", "style_logits"],
 )
 def test_cached_logits_equal_the_reference_under_conditioning(name, condition):
     remaining = condition == "remaining"  # all of them, the time left included
     direct = condition == "keyboard_logits"  # all of them, the keyboard read into the logits too
+    styled = condition == "style_logits"  # all of them, the style vector read into the logits too
     model = tiny(
-        ALL if remaining or direct else condition,
+        ALL if remaining or direct or styled else condition,
         timing_remaining=remaining,
         keyboard_logits=direct,
+        style_logits=styled,
         **ARCHS[name],
     )
     g = torch.Generator().manual_seed(7)
@@ -273,6 +276,7 @@ TINY = [
         ("[label, timing, style]", "[label, timing, style, keyboard]", "keyboard", []),
         ("[label, timing]", "[label, timing]", "remaining", ["model.timing_remaining=true"]),
         ("[label, keyboard]", "[label, keyboard]", "on_held", ["model.keyboard_logits=true"]),
+        ("[label, style]", "[label, style]", "style_logits", ["model.style_logits=true"]),
     ],
 )
 def test_a_run_branches_into_a_conditioned_one_exactly(
@@ -319,6 +323,32 @@ def test_a_run_branches_into_a_conditioned_one_exactly(
     (tmp_path / "cond" / "branch.json").write_text(json.dumps({**record, "note": "new windows"}))
     again = _script("recipes/bundle_model.py")._stages(tmp_path / "cond", 8, saved["condition"])
     assert again.endswith(f"steps 6-8 conditioned on {target.strip('[]')} (new windows)")
+
+
+def test_fine_tuning_may_add_conditioning_the_source_lacks(labelled_data, tmp_path):
+    """--init from a model without style_logits: every tensor of the source is loaded, the new
+    ones start as a no-op; dropping conditioning the source has is refused."""
+    from perceiver_music.checkpoint import load_model
+
+    source = tmp_path / "source"
+    train(
+        load_config("debug", [*TINY, "train.steps=2", "model.condition=[label, style]"]),
+        labelled_data,
+        source,
+        progress=False,
+    )
+    frozen = ["train.steps=1", "train.lr=1e-12", "train.min_lr=0", "train.warmup_steps=0"]
+    cfg = load_config("debug", [*TINY, *frozen, "model.condition=[label, style]", "model.style_logits=true"])
+    train(cfg, labelled_data, tmp_path / "tuned", progress=False, init=source)
+    before, _ = load_model(source / "checkpoints" / "step_0000002")
+    after, saved = load_model(tmp_path / "tuned" / "checkpoints" / "step_0000001")
+    assert saved.model.style_logits and float(after.conditioner.style_logits.weight.abs().max()) < 1e-6
+    new = after.state_dict()
+    for name, a in before.state_dict().items():
+        assert torch.allclose(a, new[name], rtol=0, atol=1e-8), name
+    fewer = load_config("debug", [*TINY, *frozen, "model.condition=[label]"])
+    with pytest.raises(ConfigError, match=r"--init: .* is another model \(model.condition="):
+        train(fewer, labelled_data, tmp_path / "fewer", progress=False, init=source)
 
 
 def test_a_decay_branched_off_a_held_run_continues_it_exactly(labelled_data, tmp_path):
@@ -580,3 +610,30 @@ def test_style_vectors_are_normalised_after_pooling():
     assert float(a.std()) == pytest.approx(1.0, rel=0.05)  # a LayerNorm's output (gain 1, bias 0)
     assert float((a - b).norm()) > 0.5 * S**0.5
     torch.testing.assert_close(padded, a, rtol=0, atol=1e-5)  # PAD positions are not pooled
+
+
+def test_style_logits_bias_every_position_of_a_styled_row_alike_and_no_other_row():
+    """model.style_logits: one bias over the vocabulary per row, from its style vector; a row
+    without a style gets none. It reads the vector through its own LayerNorm, so an encoder whose
+    last gain training turned down (the bundled model's went to 0.006) still steers."""
+    model = tiny(["style"], style_logits=True)
+    c = model.conditioner
+    g = torch.Generator().manual_seed(2)
+    refs = torch.randint(3, V, (3, 16), generator=g)
+    refs[2] = PAD  # no reference: no style
+    cond = Cond(reference=refs)
+    with torch.no_grad():
+        c.style_encoder.norm.bias.zero_()
+        bias = c.logit_bias(cond, 5, V)  # [3, 1, V]: every position the same
+        assert bias.shape == (3, 1, V)
+        assert float(bias[0].abs().max()) > 0.1 and not torch.allclose(bias[0], bias[1])
+        assert torch.equal(bias[2], torch.zeros(1, V))
+        c.style_encoder.norm.weight.mul_(0.05)
+        now = c.logit_bias(cond, 5, V)
+        torch.testing.assert_close(now[:2], bias[:2], rtol=1e-2, atol=1e-2)
+        # The model adds it to its logits: the same styled row with the bias zeroed differs by it.
+        tokens = torch.randint(3, V, (3, 24), generator=g)
+        positions = torch.arange(24).expand(3, -1)
+        with_bias = model(tokens, positions, cond=cond)
+        c.style_logits.weight.zero_()
+        torch.testing.assert_close(with_bias - model(tokens, positions, cond=cond), now.expand(-1, 8, -1))

@@ -95,15 +95,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(model: torch.nn.Module, path: Path, config_path: Path) -> None:
-    """Load a model.safetensors into `model` (built from config_path), or say how they differ."""
+def load_weights(
+    model: torch.nn.Module, path: Path, config_path: Path, new_prefix: str | None = None
+) -> None:
+    """Load a model.safetensors into `model` (built from config_path), or say how they differ.
+    new_prefix: the model's tensors under it that the file lacks keep their initialisation."""
     tensors = load_tensors(path)
-    _check_fit(model, tensors, path, config_path)
-    model.load_state_dict(tensors)
+    _check_fit(model, tensors, path, config_path, new_prefix)
+    model.load_state_dict(tensors, strict=new_prefix is None)
 
 
 def _check_fit(
-    model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path, config_path: Path
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    config_path: Path,
+    new_prefix: str | None = None,
 ) -> None:
     expected = model.state_dict()
     problems = [
@@ -111,7 +118,9 @@ def _check_fit(
         for name, want in expected.items()
         if name in tensors and tensors[name].shape != want.shape
     ]
-    if missing := sorted(set(expected) - set(tensors)):
+    if missing := sorted(
+        n for n in set(expected) - set(tensors) if not (new_prefix and n.startswith(new_prefix))
+    ):
         problems.append(f"{len(missing)} tensor(s) the config needs are missing (e.g. {missing[0]})")
     if unknown := sorted(set(tensors) - set(expected)):
         problems.append(f"{len(unknown)} tensor(s) the config has no place for (e.g. {unknown[0]})")

@@ -141,6 +141,10 @@ class ModelConfig:
     # (NOTE_ON of a key down, NOTE_OFF of one up or struck at this instant, EOS while keys are
     # down), so the model itself can give them no probability (model/conditioning.py)
     keyboard_logits: bool = False
+    # with style: the style vector also reaches the output, as a learnt bias over the whole
+    # vocabulary (which pitches, loudness and note spacing the reference plays); the query
+    # stream alone gave the vector nothing the context did not, and training turned it off
+    style_logits: bool = False
     style_len: int = 512  # reference tokens the style encoder reads
     style_width: int = 128
     style_layers: int = 2
@@ -177,6 +181,8 @@ class ModelConfig:
             raise ConfigError("model.timing_remaining is part of timing: add timing to model.condition")
         if self.keyboard_logits and not self.conditioned_on("keyboard"):
             raise ConfigError("model.keyboard_logits reads the keyboard: add keyboard to model.condition")
+        if self.style_logits and not self.conditioned_on("style"):
+            raise ConfigError("model.style_logits reads the style vector: add style to model.condition")
         if self.style_width % 4:
             raise ConfigError("model.style_width must be a multiple of 4 (its attention heads)")
 

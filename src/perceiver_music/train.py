@@ -194,19 +194,26 @@ def init_checkpoint(init: str | os.PathLike) -> Path:
         raise ckpt_io.CheckpointError(f"--init: {e}") from None
 
 
+# What a fine-tuning run may add to the model it starts from: conditioning it did not have
+# (whose weights start as a no-op, as a branch's do) and the regularisers that hold no weights.
+INIT_MAY_ADD = ("condition", "timing_remaining", "keyboard_logits", "style_logits", "context_dropout")
+
+
 def _init_source(cfg: Config, init: str | os.PathLike) -> Path:
-    """The checkpoint folder `--init` names, once its model is known to be cfg.model (whose
-    label set it then takes: a fine-tuning set's unknown composers count as unlabelled)."""
+    """The checkpoint folder `--init` names, once its model is known to be cfg.model, or that
+    model with conditioning added (whose label set it then takes: a fine-tuning set's unknown
+    composers count as unlabelled)."""
     source = init_checkpoint(init)
     source_model = ckpt_io.read_config(source / "config.json").model
     if cfg.model.conditioned_on("label") and not cfg.model.labels:
         cfg.model.labels = list(source_model.labels)
-    if source_model != cfg.model:
-        differ = [
-            f"{f.name}={getattr(source_model, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
-            for f in dataclasses.fields(source_model)
-            if getattr(source_model, f.name) != getattr(cfg.model, f.name)
-        ]
+    differ = [
+        f"{f.name}={getattr(source_model, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
+        for f in dataclasses.fields(source_model)
+        if getattr(source_model, f.name) != getattr(cfg.model, f.name)
+        and (f.name not in INIT_MAY_ADD or not set(source_model.condition) <= set(cfg.model.condition))
+    ]
+    if differ:
         raise ConfigError(
             f"--init: {source} is another model (model.{differ[0]}); fine-tuning keeps the model "
             "as it is (leave out --config to take its config)"
@@ -528,7 +535,9 @@ def train(
             print(f"branched from {source} at step {step}")
             _write_branch_record(run_dir, source, step, cfg)
     if init_source is not None and latest is None:
-        ckpt_io.load_weights(model, init_source / "model.safetensors", init_source / "config.json")
+        ckpt_io.load_weights(
+            model, init_source / "model.safetensors", init_source / "config.json", new_prefix="conditioner."
+        )
         if main_process:
             print(f"fine-tuning from {init_source}")
             _write_init_record(run_dir, init_source)

@@ -17,6 +17,10 @@ sampler knows as it goes, so cached generation stays exact.
 * style (the Transformer autoencoder): a small bidirectional Transformer over a reference
   performance's tokens, mean-pooled over its positions to one vector (`StyleEncoder`), then
   projected; a row without a reference gets a learned "no style" vector.
+  With `style_logits`, the vector also reaches the output: a learnt bias over the vocabulary
+  (the reference's pitches, loudness and spacing), the same at every position of a row. In the
+  queries alone it told the model nothing its 2,048-token context did not, and training turned
+  the encoder's output down to nothing (own and another piece's style: the same NLL).
 * keyboard: which pitches are sounding after each position's token and for how long (the
   tokens say it: `tokens.performance.keyboard_state`), projected from two features per pitch,
   sounding and log(1 + seconds held). It is never dropped and never "told": like elapsed time
@@ -31,7 +35,7 @@ sampler knows as it goes, so cached generation stays exact.
   term lets it learn them outright, so sampling without `generate`'s mask plays the keyboard
   too. It depends on the tokens only, like the rest, so cached generation stays exact.
 
-The output embeddings and the style projection start at zero, so a conditioned model starts
+The output embeddings, the style projection and both logit terms start at zero, so a conditioned model starts
 out computing exactly what the unconditioned model it extends computes (a run can take
 conditioning on mid-way, `train --branch`).
 """
@@ -84,6 +88,14 @@ def _held(cond: Cond | None, length: int) -> Tensor:
     if cond is None or cond.keyboard is None:
         raise ValueError("a keyboard-conditioned model needs Cond.keyboard (keyboard_state of its tokens)")
     return cond.keyboard[:, -length:]
+
+
+def _rows(cond: Cond) -> int:
+    """The batch size of whatever `cond` holds per row."""
+    for x in (cond.style, cond.reference, cond.label, cond.total, cond.elapsed, cond.keyboard):
+        if x is not None:
+            return x.shape[0]
+    return 1
 
 
 def log_bucket(seconds: Tensor, bins: int) -> Tensor:
@@ -140,6 +152,7 @@ class Conditioner(nn.Module):
         D, bins = cfg.width, cfg.timing_bins
         self.cfg = cfg
         self.label = nn.Embedding(len(cfg.labels) + 1, D) if cfg.conditioned_on("label") else None
+        self.style_logits = None
         if cfg.conditioned_on("timing"):
             self.total = nn.Embedding(bins + 1, D)
             self.elapsed = nn.Embedding(bins + 1, D)
@@ -149,6 +162,11 @@ class Conditioner(nn.Module):
             self.style_encoder = StyleEncoder(cfg)
             self.style_proj = nn.Linear(cfg.style_width, D)
             self.no_style = nn.Parameter(torch.zeros(D))
+            # its own LayerNorm: the vector at unit scale whatever the encoder's last gain (a
+            # model branched into style_logits may have turned that gain down to nearly 0)
+            if cfg.style_logits:
+                self.style_logit_norm = nn.LayerNorm(cfg.style_width)
+                self.style_logits = nn.Linear(cfg.style_width, cfg.vocab_size, bias=False)
         if cfg.conditioned_on("keyboard"):
             self.keyboard = nn.Linear(2 * NUM_PITCHES, D, bias=False)
         if cfg.keyboard_logits:  # zeros: a no-op at first, so a trained model can take it on
@@ -161,8 +179,10 @@ class Conditioner(nn.Module):
         """Start as a no-op (called after the model's own initialisation)."""
         outputs = [
             getattr(self, name, None)
-            for name in ("label", "total", "elapsed", "fraction", "remaining", "style_proj", "keyboard")
-        ]
+            for name in (
+                "label", "total", "elapsed", "fraction", "remaining", "style_proj", "keyboard", "style_logits"
+            )
+        ]  # fmt: skip
         with torch.no_grad():
             for module in outputs:
                 for p in module.parameters() if module is not None else ():
@@ -181,6 +201,16 @@ class Conditioner(nn.Module):
         return torch.zeros(batch, self.cfg.style_width, device=device), torch.zeros(
             batch, dtype=torch.bool, device=device
         )
+
+    def resolve(self, cond: Cond | None) -> Cond | None:
+        """`cond` with its reference tokens encoded to style vectors, so that the queries and
+        the style logits share one pass of the style encoder."""
+        if cond is None or cond.style is not None or cond.reference is None:
+            return cond
+        if not self.cfg.conditioned_on("style"):
+            return cond
+        vectors, present = self.style_vectors(cond, cond.reference.shape[0], cond.reference.device)
+        return replace(cond, style=vectors, has_style=present, reference=None)
 
     def forward(self, cond: Cond | None, batch: int, length: int, device) -> Tensor:
         """[B, T, D] for T = length positions whose elapsed times are cond.elapsed[:, -T:]."""
@@ -219,9 +249,16 @@ class Conditioner(nn.Module):
         return out.expand(batch, length, -1) if out.shape[1] == 1 else out
 
     def logit_bias(self, cond: Cond | None, length: int, vocab_size: int) -> Tensor | None:
-        """[B, T, vocab] added to the logits of T = length positions (`keyboard_logits`), or None."""
-        if not self.cfg.keyboard_logits:
-            return None
+        """[B, T or 1, vocab] added to the logits of T = length positions (`keyboard_logits`,
+        `style_logits`), or None."""
+        bias = self._keyboard_bias(cond, length, vocab_size) if self.cfg.keyboard_logits else None
+        if self.style_logits is not None and cond is not None:
+            vectors, present = self.style_vectors(cond, _rows(cond), self.style_logits.weight.device)
+            styled = self.style_logits(self.style_logit_norm(vectors.float())) * present[:, None]  # [B, V]
+            bias = styled[:, None] if bias is None else bias + styled[:, None]
+        return bias
+
+    def _keyboard_bias(self, cond: Cond | None, length: int, vocab_size: int) -> Tensor:
         held = _held(cond, length).float()  # [B, T, 128] seconds down, -1: up
         down, s = held >= 0, KEYBOARD_LOGIT_SCALE
         zero = held.new_zeros(())

@@ -84,6 +84,7 @@ class PerceiverAR(TokenModel):
         pad = tokens == PAD  # [B, L]
         h = self.embed_dropout(self.embed(tokens[:, -N:]))  # [B, N, D] the latents
         if self.conditioner is not None:
+            cond = self.conditioner.resolve(cond)  # one style encoding for queries and logits
             h = h + self.conditioner(cond, B, N, tokens.device)
         q_pos, q_pad = positions[:, -N:], pad[:, -N:]
         if self.training and self.cfg.context_dropout > 0 and L > N:
@@ -152,6 +153,7 @@ class PerceiverAR(TokenModel):
         q_angles = self.rotary.angles(q_pos)
         h = self.embed(tokens)
         if self.conditioner is not None:
+            cond = self.conditioner.resolve(cond)  # one style encoding for queries and logits
             h = h + self.conditioner(cond, B, T, tokens.device)
         for block, window, kv in zip(self.cross, self.windows, cache["cross"]):
             w, _ = self._window(window, band)

@@ -46,6 +46,7 @@ class Transformer(TokenModel):
         pad = tokens == PAD
         h = self.embed_dropout(self.embed_inputs(tokens, positions))  # [B, L, D]
         if self.conditioner is not None:
+            cond = self.conditioner.resolve(cond)  # one style encoding for queries and logits
             h = h + self.conditioner(cond, B, L, tokens.device)
         angles = self.rotary.angles(positions)
         mask = (
@@ -83,6 +84,7 @@ class Transformer(TokenModel):
             mask = attention_mask(positions, k_pos, torch.zeros_like(k_pos, dtype=torch.bool), None, band)
         h = self.embed_inputs(tokens, positions)
         if self.conditioner is not None:
+            cond = self.conditioner.resolve(cond)  # one style encoding for queries and logits
             h = h + self.conditioner(cond, B, T, tokens.device)
         for block, kv in zip(self.blocks, cache):
             h = block(h, mask, self.rotary, angles, kv, start, lo)
