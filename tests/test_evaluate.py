@@ -258,3 +258,41 @@ def test_event_validity_of_midi_without_tokens_counts_notes_lasting_the_cap(tmp_
     assert result["sets"]["gen"]["validity"]["capped_share"] == 1.0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "## Event validity" in table and "| gen | MIDI | 0.0 % | 0.0 % | 100.0 % |" in table
+
+
+def test_the_set_spread_bench_scores_a_set_as_evaluate_does(tmp_path):
+    """bench/set_spread.py puts real excerpt sets beside generated ones: its figures for a set
+    must be those `evaluate --generated` reports, and an excerpt keeps the notes that start in
+    its span, whole, from time 0."""
+    import importlib.util
+    from pathlib import Path
+
+    from perceiver_music.evaluate.sets import load_set
+    from perceiver_music.tokens.performance import PerformanceTokenizer
+
+    spec = importlib.util.spec_from_file_location(
+        "set_spread", Path(__file__).parents[1] / "bench/set_spread.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ref = random_pieces(tmp_path / "ref", 4, seed=1)
+    gen = random_pieces(tmp_path / "gen", 3, seed=2, length_ms=900, low=60, high=96)
+    reported = evaluate_sets([gen], ref, tmp_path / "eval", plots=False)
+    row = bench.score(load_set(gen), load_set(ref))
+    assert row["NLH"] == pytest.approx(reported["metrics"]["gen"]["NLH"]["overlap"])
+    assert row["note_seconds_mean"] == pytest.approx(reported["sets"]["gen"]["validity"]["note_seconds_mean"])
+    assert row["note_seconds_mean"] == pytest.approx(0.9, abs=0.011)
+
+    tok = PerformanceTokenizer()
+    steps = tok.midi_to_notes(ref / "p0.mid")
+    lo = int(steps.start[10])
+    assert bench.write_excerpt(tok, steps, lo, 500, tmp_path / "cut.mid")
+    cut = tok.midi_to_notes(tmp_path / "cut.mid")
+    inside = (steps.start >= lo) & (steps.start < lo + 500)
+    assert cut.start.min() == 0 and len(cut) == inside.sum()
+    assert sorted(cut.end - cut.start) == sorted((steps.end - steps.start)[inside])
+    assert not bench.write_excerpt(tok, steps, int(steps.end.max()) + 10, 500, tmp_path / "none.mid")
+    name, lo_bar, hi_bar = bench.parse_bar("NLH=0.7:")
+    assert bench.passes({"NLH": 0.71}, [(name, lo_bar, hi_bar)]) and not bench.passes(
+        {"NLH": 0.69}, [(name, lo_bar, hi_bar)]
+    )
