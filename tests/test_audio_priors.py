@@ -539,6 +539,18 @@ def test_a_top_prior_conditioned_on_composers_generates_as_asked(work, tmp_path,
     assert "--guidance must be >= 0" in capsys.readouterr().err
     assert len(told_to) == 2 and not (tmp_path / "o").exists()  # nothing sampled for the refused ones
 
+    # The studio offers the top prior's composers, and its job asks for one.
+    from perceiver_music.studio import Job, Studio, model_info
+
+    info = model_info(tmp_path / "priors")
+    assert sorted(info.labels) == ["Chopin", "Liszt"] and not info.style
+    before = len(told_to)
+    Studio(info, tmp_path / "studio", tmp_path / "priors").generate(
+        Job(seconds=0.1, composer="Chopin", guidance=1.5, top_p=1.0)
+    )
+    top_told = told_to[before]  # the top prior first, then the upsampler (told nothing)
+    assert top_told.label == 1 + cfg.model.labels.index("Chopin") and top_told.guidance == 1.5
+
 
 def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tmp_path, capsys):
     prompt = work["wav"] / "p0.wav"

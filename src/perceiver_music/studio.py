@@ -130,7 +130,11 @@ def _audio_model_info(root: Path) -> ModelInfo:
         lines += [f"- level {lv.level}: {lv.cfg.model.arch} `{lv.run}`" for lv in priors.levels]
         lines += ["", "No model card: the licence of the weights is that of the data they were trained on."]
         card = "\n".join(lines)
-    return ModelInfo(root, False, card, sample_rate=priors.codec.cfg.sample_rate)
+    top = priors.levels[0].cfg.model  # only the top prior is conditioned (on composers, if labelled)
+    labels = list(top.labels) if top.conditioned_on("label") else []
+    return ModelInfo(
+        root, False, card, labels, condition=list(top.condition), sample_rate=priors.codec.cfg.sample_rate
+    )
 
 
 def config_card(folder: Path, cfg) -> str:
@@ -372,6 +376,9 @@ class Studio:
             seed=job.seed,
             device=self.device,
             progress=True,
+            # as for MIDI, guidance only with a composer to guide towards
+            composer=job.composer or None,
+            guidance=job.guidance if job.composer and job.guidance is not None else 1.0,
         )
 
 
