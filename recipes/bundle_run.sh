@@ -7,10 +7,11 @@
 #   bash recipes/bundle_run.sh                 # start, or resume, the held run (runs/bundle/full)
 #   DECAY=400 bash recipes/bundle_run.sh decay # branch a decay off its latest checkpoint (or
 #                                              #   STEP=N's): runs/bundle/decay_<step>, DECAY steps more
-#   STEPS=8000 DECAY=1200 [SEED=2] bash recipes/bundle_run.sh finetune
+#   STEPS=8000 DECAY=1200 [SEED=2] [REINIT=a,b] bash recipes/bundle_run.sh finetune
 #                                              # go on from the bundled model's weights (a fresh
 #                                              #   optimizer, warm-up, held rate, decay; seed 1, so
-#                                              #   other crops than its first run): runs/bundle/finetune
+#                                              #   other crops than its first run): runs/bundle/finetune;
+#                                              #   REINIT: parameter prefixes that start afresh
 #   FROM=runs/bundle/finetune OUT=runs/bundle/stage3 STEPS=4700 DECAY=800 bash recipes/bundle_run.sh branch
 #                                              # go on from a run's latest checkpoint (STEP=N: that
 #                                              #   one) with the recipe as it now stands: optimizer and
@@ -75,7 +76,7 @@ if [ "${1:-train}" = finetune ]; then
     resume=(); [ -e "$out/config.json" ] && resume=(--resume)
     [ -e "$out/config.json" ] || resume=(--init "${INIT:-bundled}")
     exec "${launch[@]}" "${recipe[@]}" train.seed="${SEED:-1}" --out "$out" "${resume[@]}" \
-        train.steps="$STEPS" train.decay_steps="$DECAY"
+        train.steps="$STEPS" train.decay_steps="$DECAY" ${REINIT:+"train.reinit=[$REINIT]"}
 fi
 if [ "${1:-train}" = branch ]; then
     # Go on from a run's latest checkpoint (or STEP=N's) with the recipe as it stands now: its

@@ -325,9 +325,10 @@ def test_a_run_branches_into_a_conditioned_one_exactly(
     assert again.endswith(f"steps 6-8 conditioned on {target.strip('[]')} (new windows)")
 
 
-def test_fine_tuning_may_add_conditioning_the_source_lacks(labelled_data, tmp_path):
+def test_fine_tuning_may_add_conditioning_the_source_lacks_and_start_parts_afresh(labelled_data, tmp_path):
     """--init from a model without style_logits: every tensor of the source is loaded, the new
-    ones start as a no-op; dropping conditioning the source has is refused."""
+    ones start as a no-op; dropping conditioning the source has is refused; train.reinit starts
+    the parameters it names from a fresh initialisation."""
     from perceiver_music.checkpoint import load_model
 
     source = tmp_path / "source"
@@ -349,6 +350,33 @@ def test_fine_tuning_may_add_conditioning_the_source_lacks(labelled_data, tmp_pa
     fewer = load_config("debug", [*TINY, *frozen, "model.condition=[label]"])
     with pytest.raises(ConfigError, match=r"--init: .* is another model \(model.condition="):
         train(fewer, labelled_data, tmp_path / "fewer", progress=False, init=source)
+
+    # train.reinit: the style encoder starts afresh (a fresh model's weights), the rest is loaded.
+    reinit = [*TINY, *frozen, "model.condition=[label, style]", "train.reinit=[conditioner.style_encoder]"]
+    train(load_config("debug", reinit), labelled_data, tmp_path / "reinit", progress=False, init=source)
+    again, _ = load_model(tmp_path / "reinit" / "checkpoints" / "step_0000001")
+    scratch = load_config("debug", [*TINY, *frozen, "model.condition=[label, style]"])
+    train(scratch, labelled_data, tmp_path / "scratch", progress=False)  # a fresh model, kept so by lr 1e-12
+    fresh = load_model(tmp_path / "scratch" / "checkpoints" / "step_0000001")[0].state_dict()
+    for name, a in again.state_dict().items():
+        want = fresh[name] if name.startswith("conditioner.style_encoder") else before.state_dict()[name]
+        assert torch.allclose(a, want, rtol=0, atol=1e-8), name
+    assert not torch.allclose(
+        again.conditioner.style_encoder.embed.weight, before.conditioner.style_encoder.embed.weight
+    )
+    for extra, message in [
+        (["train.reinit=[conditioner.styl_encoder]"], "no parameter named conditioner.styl_encoder"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            train(
+                load_config("debug", [*reinit, *extra]),
+                labelled_data,
+                tmp_path / "typo",
+                progress=False,
+                init=source,
+            )
+    with pytest.raises(ConfigError, match="train.reinit names parameters that --init should not load"):
+        train(load_config("debug", reinit), labelled_data, tmp_path / "noinit", progress=False)
 
 
 def test_a_decay_branched_off_a_held_run_continues_it_exactly(labelled_data, tmp_path):

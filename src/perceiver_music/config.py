@@ -228,6 +228,10 @@ class TrainConfig:
     # ... and the share told nothing at all (each alone rarely drops all three together, and
     # "nothing" is what an unconditioned generation and guidance's second row ask for).
     condition_dropout: float = 0.2
+    # With `train --init`: parameters whose names start with one of these keep their fresh
+    # initialisation instead of the source's weights (a part training had turned off, such as
+    # a style encoder whose output had collapsed to a constant, starts again).
+    reinit: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in (

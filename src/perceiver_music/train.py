@@ -199,6 +199,15 @@ def init_checkpoint(init: str | os.PathLike) -> Path:
 INIT_MAY_ADD = ("condition", "timing_remaining", "keyboard_logits", "style_logits", "context_dropout")
 
 
+def _fresh_parameters(model: torch.nn.Module, prefixes: list[str]) -> dict[str, torch.Tensor]:
+    """The model's freshly initialised tensors under each of `prefixes` (train.reinit)."""
+    state = model.state_dict()
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in state):
+            raise ConfigError(f"train.reinit: the model has no parameter named {prefix}...")
+    return {n: v.detach().clone() for n, v in state.items() if n.startswith(tuple(prefixes))}
+
+
 def _init_source(cfg: Config, init: str | os.PathLike) -> Path:
     """The checkpoint folder `--init` names, once its model is known to be cfg.model, or that
     model with conditioning added (whose label set it then takes: a fine-tuning set's unknown
@@ -534,12 +543,19 @@ def train(
         if main_process:
             print(f"branched from {source} at step {step}")
             _write_branch_record(run_dir, source, step, cfg)
+    if t.reinit and init_source is None and latest is None:
+        raise ConfigError("train.reinit names parameters that --init should not load: add --init")
     if init_source is not None and latest is None:
+        fresh = _fresh_parameters(model, t.reinit)
         ckpt_io.load_weights(
             model, init_source / "model.safetensors", init_source / "config.json", new_prefix="conditioner."
         )
+        model.load_state_dict(fresh, strict=False)
         if main_process:
-            print(f"fine-tuning from {init_source}")
+            print(
+                f"fine-tuning from {init_source}"
+                + (f" ({', '.join(t.reinit)} started afresh)" if fresh else "")
+            )
             _write_init_record(run_dir, init_source)
     if resume and latest is None and main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
