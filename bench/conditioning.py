@@ -19,7 +19,10 @@ piece is generated from nothing), the conditioned model's NLL (nats/token):
   has learned to end at all, before `conditioning_music.py endings` asks it to.
 
 Expected when conditioning works: true < none < wrong for the composer, own < none and own <
-other for the style, true < none for the length.
+other for the style, true < none for the length. For a style-conditioned model it also says how
+much a reference can tell at all, model aside: the distance between token histograms (each
+event's frequency standardised) from a window's targets to its own reference and to another
+piece's.
 """
 
 from __future__ import annotations
@@ -130,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = total / count
             print(f"{label:22s} {results[label]:.4f} nats/token")
 
+    reference_signal = None
+    if m.conditioned_on("style"):
+        reference_signal = _reference_signal(batches, pieces, m.vocab_size)
+        print(
+            "what a reference can say (token histograms, standardised): distance from a window's targets "
+            f"to its own reference {reference_signal['own']:.3f}, to another piece's {reference_signal['other']:.3f}"
+        )
+
     eos_at_end = None
     if m.conditioned_on("timing") and len(data):
         eos_at_end = _eos_at_end(model, ds, data, args.batch)
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "nll": {k: round(v, 5) for k, v in results.items()},
         "bits": {k: round(v / math.log(2), 5) for k, v in results.items()},
         "eos_at_end": eos_at_end,
+        "reference_signal": reference_signal,
     }
     out.write_text(json.dumps(record, indent=1))
     print(f"written: {out}")
@@ -182,6 +194,38 @@ def _eos_at_end(model, ds, data, batch_size: int) -> dict:
     for name, values in probs.items():
         out[name] = {"mean": round(float(np.mean(values)), 5), "median": round(float(np.median(values)), 5)}
     return out
+
+
+def _reference_signal(batches, pieces, vocab_size: int) -> dict:
+    """How much nearer a window's targets are to its own style reference (another part of the
+    same piece) than to another piece's, whatever a model makes of them: the distance between
+    token histograms, each event's frequency standardised over the windows. A reference that
+    is hardly nearer its own window than another piece's has little to tell a model."""
+    targets, refs, other = [], [], []
+    for batch, piece_ids in zip(batches, pieces):
+        t, r = batch["targets"].numpy(), batch["reference"].numpy()
+        order = _other_piece_order(piece_ids)
+        for i in range(len(t)):
+            if (r[i] > 2).any() and order[i] != i:
+                targets.append(_histogram(t[i], vocab_size))
+                refs.append(_histogram(r[i], vocab_size))
+                other.append(_histogram(r[order[i]], vocab_size))
+    if not targets:
+        return {"windows": 0}
+    t, r, o = (np.stack(x) for x in (targets, refs, other))
+    both = np.concatenate([t, r])
+    mean, std = both.mean(0), both.std(0) + 1e-6
+    z = lambda x: (x - mean) / std  # noqa: E731
+    own_d = np.linalg.norm(z(t) - z(r), axis=1).mean()
+    other_d = np.linalg.norm(z(t) - z(o), axis=1).mean()
+    return {"windows": len(t), "own": round(float(own_d), 4), "other": round(float(other_d), 4),
+            "ratio": round(float(own_d / other_d), 4)}  # fmt: skip
+
+
+def _histogram(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The share of each event among the non-special tokens (ids > 2)."""
+    kept = tokens[tokens > 2]
+    return np.bincount(kept, minlength=vocab_size)[:vocab_size] / max(1, len(kept))
 
 
 def _other_piece_order(piece_ids: np.ndarray) -> np.ndarray:
