@@ -11,7 +11,9 @@
 #                                              # go on from the bundled model's weights (a fresh
 #                                              #   optimizer, warm-up, held rate, decay; seed 1, so
 #                                              #   other crops than its first run): runs/bundle/finetune;
-#                                              #   REINIT: parameter prefixes that start afresh
+#                                              #   REINIT: parameter prefixes that start afresh;
+#                                              #   overrides after `finetune` are added (e.g.
+#                                              #   model.style_logits=true, README: Conditioning)
 #   FROM=runs/bundle/finetune OUT=runs/bundle/stage3 STEPS=4700 DECAY=800 bash recipes/bundle_run.sh branch
 #                                              # go on from a run's latest checkpoint (STEP=N: that
 #                                              #   one) with the recipe as it now stands: optimizer and
@@ -49,7 +51,7 @@ perceiver-music prepare "$ASAP" --out "$DATA"
 # end_windows trains on endings 3-4 times as often as the data holds them: both for pieces that
 # end at the length asked for (bench/conditioning_music.py endings)
 recipe=(--config asap_cpu --data "$DATA" 'model.condition=[label, timing, style, keyboard]'
-        model.timing_remaining=true model.keyboard_logits=true model.style_logits=true model.context_dropout=0.1 data.end_windows=0.05
+        model.timing_remaining=true model.keyboard_logits=true model.context_dropout=0.1 data.end_windows=0.05
         train.batch_size=$((8 / PROCS)) train.schedule=wsd train.eval_every=600 train.eval_windows=192
         train.ckpt_every=250 train.seed=0 train.precision=$PRECISION)
 launch=(torchrun --standalone --nproc_per_node "$PROCS" -m perceiver_music train)
@@ -76,7 +78,7 @@ if [ "${1:-train}" = finetune ]; then
     resume=(); [ -e "$out/config.json" ] && resume=(--resume)
     [ -e "$out/config.json" ] || resume=(--init "${INIT:-bundled}")
     exec "${launch[@]}" "${recipe[@]}" train.seed="${SEED:-1}" --out "$out" "${resume[@]}" \
-        train.steps="$STEPS" train.decay_steps="$DECAY" ${REINIT:+"train.reinit=[$REINIT]"}
+        train.steps="$STEPS" train.decay_steps="$DECAY" ${REINIT:+"train.reinit=[$REINIT]"} "${@:2}"
 fi
 if [ "${1:-train}" = branch ]; then
     # Go on from a run's latest checkpoint (or STEP=N's) with the recipe as it stands now: its
@@ -93,7 +95,7 @@ if [ "${1:-train}" = twin ]; then
     twin=runs/bundle/twin
     resume=(); [ -e "$twin/config.json" ] && resume=(--resume)
     # decay_steps=0: held to its end, as the main run is until its own decay
-    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false model.keyboard_logits=false model.style_logits=false model.context_dropout=0 --out "$twin" "${resume[@]}" \
+    exec "${launch[@]}" "${recipe[@]}" 'model.condition=[]' model.timing_remaining=false model.keyboard_logits=false model.context_dropout=0 --out "$twin" "${resume[@]}" \
         train.steps="$STEPS" train.decay_steps=0
 fi
 resume=(); [ -e "$RUN/config.json" ] && resume=(--resume)
