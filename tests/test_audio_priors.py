@@ -550,6 +550,10 @@ def test_a_top_prior_conditioned_on_composers_generates_as_asked(work, tmp_path,
     )
     top_told = told_to[before]  # the top prior first, then the upsampler (told nothing)
     assert top_told.label == 1 + cfg.model.labels.index("Chopin") and top_told.guidance == 1.5
+    jobs = sorted((tmp_path / "studio" / "jobs").iterdir())
+    with pytest.raises(ValueError, match="--composer 'Mozart' is not one the model knows"):
+        Studio(info, tmp_path / "studio", tmp_path / "priors").generate(Job(seconds=0.1, composer="Mozart"))
+    assert sorted((tmp_path / "studio" / "jobs").iterdir()) == jobs  # refused before a folder is made
 
 
 def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tmp_path, capsys):

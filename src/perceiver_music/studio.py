@@ -349,7 +349,7 @@ class Studio:
         """An audio model's job: the recording continued (or audio from nothing), as
         `generate --ckpt PRIORS_DIR`; returns its AudioGenerateResult."""
         from perceiver_music.audio.generate import generate_audio
-        from perceiver_music.generate_settings import check_sampling
+        from perceiver_music.generate_settings import check_conditioning, check_sampling
         from perceiver_music.sample import SamplingConfig
 
         if not 0 < job.seconds <= MAX_AUDIO_SECONDS:
@@ -359,6 +359,10 @@ class Studio:
         if not 1 <= job.num <= MAX_VARIATIONS:
             raise ValueError(f"variations must be 1 to {MAX_VARIATIONS}, got {job.num}")
         check_sampling(job.temperature, 0, job.top_p, job.min_p, (0, 127))
+        # as for MIDI, guidance only with a composer to guide towards
+        composer = job.composer or None
+        guidance = job.guidance if composer and job.guidance is not None else 1.0
+        check_conditioning(self.info.condition, self.info.labels, composer, False, guidance)
         prompt = self.check_recording(job.prompt) if job.prompt is not None else None
         folder = self.new_folder("jobs")
         if prompt is not None:
@@ -376,9 +380,8 @@ class Studio:
             seed=job.seed,
             device=self.device,
             progress=True,
-            # as for MIDI, guidance only with a composer to guide towards
-            composer=job.composer or None,
-            guidance=job.guidance if job.composer and job.guidance is not None else 1.0,
+            composer=composer,
+            guidance=guidance,
         )
 
 

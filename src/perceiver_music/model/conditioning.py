@@ -35,9 +35,9 @@ sampler knows as it goes, so cached generation stays exact.
   term lets it learn them outright, so sampling without `generate`'s mask plays the keyboard
   too. It depends on the tokens only, like the rest, so cached generation stays exact.
 
-The output embeddings, the style projection and both logit terms start at zero, so a conditioned model starts
-out computing exactly what the unconditioned model it extends computes (a run can take
-conditioning on mid-way, `train --branch`).
+The output embeddings, the style projection and both logit terms start at zero, so a
+conditioned model starts out computing exactly what the unconditioned model it extends
+computes (a run can take conditioning on mid-way, `train --branch` or `--init`).
 """
 
 from __future__ import annotations
