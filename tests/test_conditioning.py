@@ -652,12 +652,12 @@ def test_style_logits_bias_every_position_of_a_styled_row_alike_and_no_other_row
     cond = Cond(reference=refs)
     with torch.no_grad():
         c.style_encoder.norm.bias.zero_()
-        bias = c.logit_bias(cond, 5, V)  # [3, 1, V]: every position the same
+        bias = c.logit_bias(cond, 3, 5, V)  # [3, 1, V]: every position the same
         assert bias.shape == (3, 1, V)
         assert float(bias[0].abs().max()) > 0.1 and not torch.allclose(bias[0], bias[1])
         assert torch.equal(bias[2], torch.zeros(1, V))
         c.style_encoder.norm.weight.mul_(0.05)
-        now = c.logit_bias(cond, 5, V)
+        now = c.logit_bias(cond, 3, 5, V)
         torch.testing.assert_close(now[:2], bias[:2], rtol=1e-2, atol=1e-2)
         # The model adds it to its logits: the same styled row with the bias zeroed differs by it.
         tokens = torch.randint(3, V, (3, 24), generator=g)

@@ -141,7 +141,7 @@ def test_keyboard_logits_fall_on_the_events_the_keyboard_rules_out():
     on, off = VOCAB.note_on, VOCAB.note_off
     ids = np.array([BOS, on + 60, VOCAB.time_shift + 9, on + 64])
     state = torch.as_tensor(keyboard_state(ids, VOCAB))[None]  # [1, 4, 128]
-    bias = c.logit_bias(Cond(keyboard=state), 4, V)[0].detach()  # [4, V]
+    bias = c.logit_bias(Cond(keyboard=state), 1, 4, V)[0].detach()  # [4, V]
     s = KEYBOARD_LOGIT_SCALE
     last = bias[-1]
     assert last[on + 60] == pytest.approx(s * (1 + 0.060)) and last[on + 61] == 0

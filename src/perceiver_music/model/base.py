@@ -46,7 +46,7 @@ class TokenModel(nn.Module):
         model reads the keyboard into its logits (model.keyboard_logits), that term."""
         logits = self.head(self.norm(h))
         conditioner = getattr(self, "conditioner", None)
-        bias = conditioner.logit_bias(cond, h.shape[1], logits.shape[-1]) if conditioner is not None else None
+        bias = conditioner.logit_bias(cond, *logits.shape) if conditioner is not None else None
         return logits if bias is None else logits + bias
 
     def run_block(self, block: nn.Module, *args) -> Tensor:

@@ -90,14 +90,6 @@ def _held(cond: Cond | None, length: int) -> Tensor:
     return cond.keyboard[:, -length:]
 
 
-def _rows(cond: Cond) -> int:
-    """The batch size of whatever `cond` holds per row."""
-    for x in (cond.style, cond.reference, cond.label, cond.total, cond.elapsed, cond.keyboard):
-        if x is not None:
-            return x.shape[0]
-    return 1
-
-
 def log_bucket(seconds: Tensor, bins: int) -> Tensor:
     """Seconds -> 1..bins, log-spaced (a second early in a piece matters more than late)."""
     x = torch.log1p(seconds.clamp_min(0).float()) / math.log1p(MAX_SECONDS)
@@ -248,12 +240,12 @@ class Conditioner(nn.Module):
             out = out + self.keyboard(features)
         return out.expand(batch, length, -1) if out.shape[1] == 1 else out
 
-    def logit_bias(self, cond: Cond | None, length: int, vocab_size: int) -> Tensor | None:
-        """[B, T or 1, vocab] added to the logits of T = length positions (`keyboard_logits`,
-        `style_logits`), or None."""
+    def logit_bias(self, cond: Cond | None, batch: int, length: int, vocab_size: int) -> Tensor | None:
+        """[B, T or 1, vocab] added to the logits of B rows x T = length positions
+        (`keyboard_logits`, `style_logits`), or None."""
         bias = self._keyboard_bias(cond, length, vocab_size) if self.cfg.keyboard_logits else None
         if self.style_logits is not None and cond is not None:
-            vectors, present = self.style_vectors(cond, _rows(cond), self.style_logits.weight.device)
+            vectors, present = self.style_vectors(cond, batch, self.style_logits.weight.device)
             styled = self.style_logits(self.style_logit_norm(vectors.float())) * present[:, None]  # [B, V]
             bias = styled[:, None] if bias is None else bias + styled[:, None]
         return bias
