@@ -155,14 +155,6 @@ def _spans(steps, span: int) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-def _write_excerpt(tok, steps, keep: np.ndarray, lo: int, path: Path) -> None:
-    from perceiver_music.tokens.performance import Notes
-
-    part = steps.take(keep)
-    part = Notes(part.start - lo, part.end - lo, part.pitch, part.velocity)
-    tok.decode_to_midi(tok.encode_notes(part), path)
-
-
 def excerpts(midi: Path, folder: Path, seconds: float = 20.0) -> Path:
     """Cut a performance into `seconds`-long MIDI excerpts (a reference set for one piece)."""
     return excerpt_set([midi], folder, seconds)
@@ -171,6 +163,7 @@ def excerpts(midi: Path, folder: Path, seconds: float = 20.0) -> Path:
 def excerpt_set(midis: list[Path], folder: Path, seconds: float, limit: int | None = None) -> Path:
     """`seconds`-long excerpts of several performances, at most `limit` of them, spread evenly
     over all the performances' excerpts (so a long performance gives more than a short one)."""
+    from perceiver_music.evaluate.sets import write_excerpt
     from perceiver_music.tokens.performance import PerformanceTokenizer
 
     tok = PerformanceTokenizer()
@@ -182,8 +175,8 @@ def excerpt_set(midis: list[Path], folder: Path, seconds: float, limit: int | No
         chosen = np.unique(np.linspace(0, len(every) - 1, limit).astype(int))
     folder.mkdir(parents=True, exist_ok=True)
     for k in chosen:
-        i, lo, keep = every[k]
-        _write_excerpt(tok, notes[i], keep, lo, folder / f"{i:03d}_{Path(midis[i]).stem}_{k:04d}.mid")
+        i, lo, _ = every[k]
+        write_excerpt(tok, notes[i], lo, span, folder / f"{i:03d}_{Path(midis[i]).stem}_{k:04d}.mid")
     return folder
 
 

@@ -22,21 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from perceiver_music.evaluate import metrics
-from perceiver_music.evaluate.sets import PieceSet, load_set
-from perceiver_music.tokens.performance import Notes, PerformanceTokenizer
-
-
-def write_excerpt(tok: PerformanceTokenizer, steps: Notes, lo: int, span: int, path: Path) -> bool:
-    """The notes of `steps` starting in [lo, lo + span), shifted to start at 0, as MIDI; False
-    if there are none."""
-    keep = np.flatnonzero((steps.start >= lo) & (steps.start < lo + span))
-    if len(keep) == 0:
-        return False
-    part = steps.take(keep)
-    tok.decode_to_midi(
-        tok.encode_notes(Notes(part.start - lo, part.end - lo, part.pitch, part.velocity)), path
-    )
-    return True
+from perceiver_music.evaluate.sets import PieceSet, load_set, write_excerpt
+from perceiver_music.tokens.performance import PerformanceTokenizer
 
 
 def score(s: PieceSet, reference: PieceSet) -> dict[str, float]:

@@ -267,7 +267,7 @@ def test_the_set_spread_bench_scores_a_set_as_evaluate_does(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from perceiver_music.evaluate.sets import load_set
+    from perceiver_music.evaluate.sets import load_set, write_excerpt
     from perceiver_music.tokens.performance import PerformanceTokenizer
 
     spec = importlib.util.spec_from_file_location(
@@ -286,12 +286,12 @@ def test_the_set_spread_bench_scores_a_set_as_evaluate_does(tmp_path):
     tok = PerformanceTokenizer()
     steps = tok.midi_to_notes(ref / "p0.mid")
     lo = int(steps.start[10])
-    assert bench.write_excerpt(tok, steps, lo, 500, tmp_path / "cut.mid")
+    assert write_excerpt(tok, steps, lo, 500, tmp_path / "cut.mid")
     cut = tok.midi_to_notes(tmp_path / "cut.mid")
     inside = (steps.start >= lo) & (steps.start < lo + 500)
     assert cut.start.min() == 0 and len(cut) == inside.sum()
     assert sorted(cut.end - cut.start) == sorted((steps.end - steps.start)[inside])
-    assert not bench.write_excerpt(tok, steps, int(steps.end.max()) + 10, 500, tmp_path / "none.mid")
+    assert not write_excerpt(tok, steps, int(steps.end.max()) + 10, 500, tmp_path / "none.mid")
     name, lo_bar, hi_bar = bench.parse_bar("NLH=0.7:")
     assert bench.passes({"NLH": 0.71}, [(name, lo_bar, hi_bar)]) and not bench.passes(
         {"NLH": 0.69}, [(name, lo_bar, hi_bar)]

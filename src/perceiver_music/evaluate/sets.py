@@ -55,6 +55,19 @@ def midi_files(root: Path) -> list[Path]:
     return find_midi(root)
 
 
+def write_excerpt(tok: PerformanceTokenizer, steps: Notes, lo: int, span: int, path: Path) -> bool:
+    """The notes of a performance (tokenizer steps) that start in [lo, lo + span), whole and
+    shifted to start at 0, written as MIDI: an excerpt for a reference set. False if none."""
+    keep = np.flatnonzero((steps.start >= lo) & (steps.start < lo + span))
+    if len(keep) == 0:
+        return False
+    part = steps.take(keep)
+    tok.decode_to_midi(
+        tok.encode_notes(Notes(part.start - lo, part.end - lo, part.pitch, part.velocity)), path
+    )
+    return True
+
+
 def load_set(
     root: str | os.PathLike,
     name: str | None = None,
