@@ -665,3 +665,97 @@ def test_style_logits_bias_every_position_of_a_styled_row_alike_and_no_other_row
         with_bias = model(tokens, positions, cond=cond)
         c.style_logits.weight.zero_()
         torch.testing.assert_close(with_bias - model(tokens, positions, cond=cond), now.expand(-1, 8, -1))
+
+
+def test_the_style_contrast_teaches_the_encoder_to_tell_pieces_apart():
+    """style_contrast_loss: a reference must pick out its own window among the batch's. Trained
+    on it alone, an encoder comes to place two parts of one piece nearer each other than parts of
+    different pieces (each "piece" here draws its events from its own part of the vocabulary);
+    rows without a reference are left out, and two rows of one piece are not negatives."""
+    from perceiver_music.model.conditioning import StyleEncoder, style_contrast_loss
+
+    torch.manual_seed(0)
+    encoder = StyleEncoder(ModelConfig(vocab_size=V, condition=["style"], style_width=16, dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+
+    def part(pieces):  # [B, 24] tokens of each piece's own range of ids, and a few shared ones
+        lo = 3 + pieces * 40
+        own = lo[:, None] + torch.randint(0, 40, (len(pieces), 24), generator=g)
+        shared = torch.randint(3, V, (len(pieces), 24), generator=g)
+        return torch.where(torch.rand(len(pieces), 24, generator=g) < 0.8, own, shared)
+
+    def spread():  # mean cosine of two parts of one piece, minus that of two different pieces
+        with torch.no_grad():
+            pieces = torch.arange(8)
+            a = torch.nn.functional.normalize(encoder(part(pieces)), dim=-1)
+            b = torch.nn.functional.normalize(encoder(part(pieces)), dim=-1)
+            sim = a @ b.T
+            return float(sim.diag().mean() - sim[~torch.eye(8, dtype=torch.bool)].mean())
+
+    before = spread()
+    opt = torch.optim.Adam(encoder.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        pieces = torch.randperm(8, generator=g)[:6]
+        loss = style_contrast_loss(encoder, part(pieces), part(pieces), pieces)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert spread() > before + 0.3
+
+    pieces = torch.tensor([0, 1, 1, 2])
+    refs, wins = part(pieces), part(pieces)
+    with torch.no_grad():
+        full = style_contrast_loss(encoder, refs, wins, pieces)
+        refs[3] = PAD  # no reference: the row is left out
+        assert float(style_contrast_loss(encoder, refs, wins, pieces)) != pytest.approx(float(full))
+        torch.testing.assert_close(
+            style_contrast_loss(encoder, refs, wins, pieces),
+            style_contrast_loss(encoder, refs[:3], wins[:3], pieces[:3]),
+        )
+        # rows 1 and 2 are one piece: each is scored against the other pieces' windows only
+        ref = torch.nn.functional.normalize(encoder(refs[:3]), dim=-1)
+        win = torch.nn.functional.normalize(encoder(wins[:3]), dim=-1)
+        sim = ref @ win.T / 0.1
+        keep = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+        sim = sim.masked_fill(~keep, float("-inf"))
+        want = 0.5 * (
+            torch.nn.functional.cross_entropy(sim, torch.arange(3))
+            + torch.nn.functional.cross_entropy(sim.T, torch.arange(3))
+        )
+        torch.testing.assert_close(style_contrast_loss(encoder, refs[:3], wins[:3], pieces[:3]), want)
+        assert (
+            float(style_contrast_loss(encoder, refs[:1], wins[:1], pieces[:1])) == 0.0
+        )  # nothing to contrast
+
+
+def test_training_with_the_style_contrast_logs_it_and_needs_a_style(labelled_data, tmp_path):
+    run = tmp_path / "contrast"
+    cfg = load_config(
+        "debug",
+        [
+            *TINY,
+            "train.steps=3",
+            "train.log_every=1",
+            "model.condition=[style]",
+            "train.style_contrast=0.5",
+            "train.style_dropout=0.0",
+            "train.condition_dropout=0.0",
+        ],
+    )
+    train(cfg, labelled_data, run, progress=False)
+    rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+    logged = [r["style_contrast"] for r in rows if r.get("kind") == "train"]
+    assert len(logged) == 3 and all(v > 0 for v in logged)
+    assert "style_contrast" in (run / "log.csv").read_text().splitlines()[0]
+    with pytest.raises(ConfigError, match="train.style_contrast trains the style encoder"):
+        train(
+            load_config("debug", [*TINY, "train.style_contrast=0.5", "model.condition=[label]"]),
+            labelled_data,
+            tmp_path / "x",
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match="train.style_contrast must be >= 0"):
+        load_config("debug", ["train.style_contrast=-1"])

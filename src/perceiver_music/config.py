@@ -228,6 +228,10 @@ class TrainConfig:
     # ... and the share told nothing at all (each alone rarely drops all three together, and
     # "nothing" is what an unconditioned generation and guidance's second row ask for).
     condition_dropout: float = 0.2
+    # Weight of the style encoder's contrastive term (model.conditioning.style_contrast_loss):
+    # each window's reference must pick out that window among the batch's. 0: the prior's loss
+    # alone, which turns an unused encoder's output down to a constant.
+    style_contrast: float = 0.0
     # With `train --init`: parameters whose names start with one of these keep their fresh
     # initialisation instead of the source's weights (a part training had turned off, such as
     # a style encoder whose output had collapsed to a constant, starts again).
@@ -254,6 +258,8 @@ class TrainConfig:
         for name in ("label_dropout", "timing_dropout", "style_dropout", "condition_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} must be in [0, 1]")
+        if self.style_contrast < 0:
+            raise ConfigError("train.style_contrast must be >= 0")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from perceiver_music.data.windows import Conditions, TokenData, WindowDataset
 from perceiver_music.files import atomic_write_text
 from perceiver_music.model import build_model
 from perceiver_music.model.base import autocast, nll_sum
-from perceiver_music.model.conditioning import Cond
+from perceiver_music.model.conditioning import Cond, style_contrast_loss
 from perceiver_music.progress import progress_bar
 from perceiver_music.tokens.performance import PAD
 
@@ -99,7 +99,7 @@ def model_inputs(batch: dict[str, torch.Tensor], told: bool = True) -> dict:
     """The model's keyword arguments from a batch: `cond` (batch_cond) for a conditioned
     model's batch, and any other tensors beyond inputs, positions and targets (an audio
     upsampler's upper codes)."""
-    skip = ("inputs", "positions", "targets", *COND_KEYS)
+    skip = ("inputs", "positions", "targets", "piece", *COND_KEYS)
     kwargs: dict = {k: v for k, v in batch.items() if k not in skip}
     if any(k in batch for k in COND_KEYS):
         kwargs["cond"] = batch_cond(batch, told)
@@ -119,6 +119,9 @@ def collate(windows) -> dict[str, torch.Tensor]:
         batch["keyboard"] = torch.from_numpy(np.stack([w.keyboard for w in windows]))
     if first.reference is not None:
         batch["reference"] = torch.from_numpy(np.stack([w.reference for w in windows]))
+        batch["piece"] = torch.tensor(
+            [w.piece for w in windows], dtype=torch.long
+        )  # style_contrast's negatives
     if first.elapsed is not None or any(w.label for w in windows):
         batch["label"] = torch.tensor([w.label for w in windows], dtype=torch.long)
         batch["total"] = torch.tensor([w.total for w in windows], dtype=torch.float32)
@@ -326,6 +329,8 @@ class TokenTask:
                 raise ConfigError(
                     f"{data_dir}: model.condition has 'label' but no training piece has a label ({how})"
                 )
+        if cfg.train.style_contrast and not m.conditioned_on("style"):
+            raise ConfigError("train.style_contrast trains the style encoder: add style to model.condition")
         conditions = window_conditions(cfg)
         self.train_windows = WindowDataset(
             train_data,
@@ -348,7 +353,9 @@ class TokenTask:
         self.collate = collate
         self.cfg = cfg
         if m.condition:
-            self.log_fields = LOG_FIELDS + COND_LOG_FIELDS
+            self.log_fields = (
+                LOG_FIELDS + COND_LOG_FIELDS + (["style_contrast"] if cfg.train.style_contrast else [])
+            )
         self.extras: dict[str, float] = {}
 
     def build(self, cfg: Config, fresh: bool):
@@ -356,7 +363,17 @@ class TokenTask:
 
     def loss(self, net, model, batch) -> tuple[torch.Tensor, int]:
         logits = net(batch["inputs"], batch["positions"], **model_inputs(batch))
-        return model.loss(logits, batch["targets"]), int((batch["targets"] != PAD).sum())
+        loss = model.loss(logits, batch["targets"])
+        weight = self.cfg.train.style_contrast
+        if weight and "reference" in batch:
+            R = batch["reference"].shape[1]
+            # the window's last R inputs: the reference was drawn from outside the whole window
+            contrast = style_contrast_loss(
+                model.conditioner.style_encoder, batch["reference"], batch["inputs"][:, -R:], batch["piece"]
+            )
+            self.extras = {"style_contrast": round(contrast.item(), 5)}
+            loss = loss + weight * contrast
+        return loss, int((batch["targets"] != PAD).sum())
 
     def evaluate(
         self, net, indices, batch_size, device, precision, rank, world

@@ -46,6 +46,7 @@ import math
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perceiver_music.config import ModelConfig
@@ -134,6 +135,30 @@ class StyleEncoder(nn.Module):
         # differed from piece to piece by 1 % of a label embedding's spread, and training
         # learned to ignore it (the bundled model's 7,000 steps: own and other style, same NLL).
         return self.norm(pooled)
+
+
+def style_contrast_loss(
+    encoder: StyleEncoder, reference: Tensor, window: Tensor, piece: Tensor, temperature: float = 0.1
+) -> Tensor:
+    """InfoNCE between the style vectors of each row's reference [B, R] and of its window's own
+    tokens [B, R]: a reference must pick out its window among the batch's (both directions).
+
+    The prior's loss alone let the encoder's output shrink to a constant (two fine-tunes: the
+    spread of its vectors fell from 4.6 to 0.007 in 750 steps), because the long context
+    already says most of what a reference could; this term keeps the vector telling pieces
+    apart, so that what it carries is there for the prior to use. Rows without a reference are
+    left out, and two rows of one piece are not each other's negatives."""
+    present = (reference != PAD).any(-1)  # [B]
+    if int(present.sum()) < 2:
+        return reference.new_zeros((), dtype=torch.float32)
+    ref = F.normalize(encoder(reference[present]).float(), dim=-1)  # [N, S]
+    own = F.normalize(encoder(window[present]).float(), dim=-1)  # [N, S]
+    piece = piece[present]
+    sim = ref @ own.T / temperature  # [N, N]: row i's reference against every window
+    same = piece[:, None] == piece[None, :]
+    sim = sim.masked_fill(same & ~torch.eye(len(piece), dtype=torch.bool, device=sim.device), float("-inf"))
+    target = torch.arange(len(piece), device=sim.device)
+    return 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
 
 
 class Conditioner(nn.Module):
