@@ -5,6 +5,8 @@ recording really plays next: by the pitch-class profile (chroma, cosine similari
 same profile) and the mean log-mel spectrum (mean absolute difference in dB; register and
 loudness). A continuation that follows its prompt is nearer the truth than the baseline; the
 prompt's own last --seconds against the truth is the ceiling of "the same music goes on".
+Each is also transcribed (basic-pitch, as `perceiver-music transcribe`): the notes it plays, where
+the truth's own count says how many a piano continuation would.
 
     python bench/audio_continuation.py --priors bundled --data data/asap_audio/data \\
         --splits test valid --out bench/out/audio_continuation.json
@@ -23,6 +25,7 @@ import numpy as np
 
 from perceiver_music.audio.data import AudioData, read_audio, write_audio
 from perceiver_music.audio.generate import generate_audio
+from perceiver_music.audio.transcribe import Transcriber
 from perceiver_music.checkpoint import bundled_audio
 
 
@@ -54,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     priors = bundled_audio() if args.priors == "bundled" else Path(args.priors)
     rows = []
+    transcriber = Transcriber()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for split in args.splits:
@@ -87,6 +91,16 @@ def main() -> None:
                     "unprompted": compare(runs["unprompted"], truth, sr),
                     "prompt_itself": compare(kept[-len(truth) :], truth, sr),
                 }
+                row["notes"] = {
+                    name: transcriber(
+                        write_audio(tmp / f"{name}{len(rows)}.wav", audio, sr), tmp / "notes.mid"
+                    ).notes
+                    for name, audio in (
+                        ("continued", runs["continued"]),
+                        ("unprompted", runs["unprompted"]),
+                        ("truth", truth),
+                    )
+                }
                 rows.append(row)
                 print(json.dumps(row))
     summary = {
@@ -103,6 +117,9 @@ def main() -> None:
         "recordings": len(rows),
         "mean": summary,
         "rows": rows,
+    }
+    summary["notes"] = {
+        k: int(sum(r["notes"][k] for r in rows)) for k in ("continued", "unprompted", "truth")
     }
     print(json.dumps({"recordings": len(rows), "mean": summary}, indent=1))
     if args.out:
