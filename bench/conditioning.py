@@ -141,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
             f"to its own reference {reference_signal['own']:.3f}, to another piece's {reference_signal['other']:.3f}"
         )
 
+    style_retrieval = None
+    if m.conditioned_on("style"):
+        style_retrieval = _style_retrieval(model, batches, pieces)
+        print(
+            f"style vectors: a reference picks out its own window among {style_retrieval['windows']} "
+            f"{style_retrieval['top1']:.1%} of the time (chance {1 / max(1, style_retrieval['windows']):.1%}), "
+            f"mean rank {style_retrieval['mean_rank']:.1f}; spread (norm about their mean) {style_retrieval['spread']:.4f}"
+        )
+
     eos_at_end = None
     if m.conditioned_on("timing") and len(data):
         eos_at_end = _eos_at_end(model, ds, data, args.batch)
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "bits": {k: round(v / math.log(2), 5) for k, v in results.items()},
         "eos_at_end": eos_at_end,
         "reference_signal": reference_signal,
+        "style_retrieval": style_retrieval,
     }
     out.write_text(json.dumps(record, indent=1))
     print(f"written: {out}")
@@ -220,6 +230,36 @@ def _reference_signal(batches, pieces, vocab_size: int) -> dict:
     other_d = np.linalg.norm(z(t) - z(o), axis=1).mean()
     return {"windows": len(t), "own": round(float(own_d), 4), "other": round(float(other_d), 4),
             "ratio": round(float(own_d / other_d), 4)}  # fmt: skip
+
+
+def _style_retrieval(model, batches, pieces) -> dict:
+    """What the style encoder tells apart: each window's reference and the window's own last
+    style_len inputs, both encoded; how often a reference's vector is nearest (cosine) its own
+    window's among all the windows (other windows of its piece left out), its mean rank (1 is
+    best), and how far the vectors spread about their mean (a collapsed encoder: ~0)."""
+    from perceiver_music.tokens.performance import PAD
+
+    encoder = model.conditioner.style_encoder
+    refs, owns, ids = [], [], []
+    with torch.no_grad():
+        for batch, piece_ids in zip(batches, pieces):
+            r = batch["reference"]
+            keep = (r != PAD).any(-1).numpy()
+            if not keep.any():
+                continue
+            refs.append(encoder(r[keep]))
+            owns.append(encoder(batch["inputs"][keep][:, -r.shape[1] :]))
+            ids.append(piece_ids[keep])
+    if not refs:
+        return {"windows": 0, "top1": 0.0, "mean_rank": 0.0, "spread": 0.0}
+    ref, own, ids = torch.cat(refs), torch.cat(owns), np.concatenate(ids)
+    sim = torch.nn.functional.normalize(ref, dim=-1) @ torch.nn.functional.normalize(own, dim=-1).T
+    same = torch.from_numpy(ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool)
+    sim = sim.masked_fill(same, float("-inf"))
+    rank = 1 + (sim > sim.diag()[:, None]).sum(1).float()  # [N]
+    spread = (ref - ref.mean(0)).norm(dim=-1).mean()
+    return {"windows": len(ids), "top1": round(float((rank == 1).float().mean()), 4),
+            "mean_rank": round(float(rank.mean()), 2), "spread": round(float(spread), 4)}  # fmt: skip
 
 
 def _histogram(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
