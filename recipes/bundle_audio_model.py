@@ -71,6 +71,38 @@ def _training(ckpt: Path) -> dict:
     }
 
 
+def _history(run: Path) -> list[tuple[str, int, dict]]:
+    """The runs a run went on from (branch.json, `train --branch`), oldest first: (run name, the
+    step it started at, its config's train section)."""
+    chain = []
+    while True:
+        cfg = _json(run / "config.json") or {}
+        record = _json(run / "branch.json")
+        chain.append((run.name, record["step"] if record else 0, cfg.get("train", {})))
+        if record is None:
+            return chain[::-1]
+        run = Path(record["source"]).parent.parent  # a checkpoint folder: RUN/checkpoints/step_N
+        if not run.is_absolute():
+            run = REPO / run
+        if not (run / "config.json").is_file():
+            return chain[::-1]
+
+
+def _schedule(run: Path, last_step: int) -> str:
+    """`top` steps 0-2,300 (cosine), `top_long` 2,300-3,750 (held at 0.0005), ...: how the rate went."""
+    chain, parts = _history(run), []
+    for k, (name, start, t) in enumerate(chain):
+        end = chain[k + 1][1] if k + 1 < len(chain) else last_step
+        if t.get("schedule") == "wsd" and t.get("decay_steps") and end > t["steps"] - t["decay_steps"]:
+            how = f"decayed to {t['min_lr']:g} from step {max(start, t['steps'] - t['decay_steps']):,}"
+        elif t.get("schedule") == "wsd":
+            how = f"held at {t['lr']:g}"
+        else:
+            how = f"{t.get('schedule', '?')}, {t.get('lr', 0):g} to {t.get('min_lr', 0):g}"
+        parts.append(f"`{name}` steps {start:,}-{end:,} ({how})")
+    return ", then ".join(parts)
+
+
 def _describe(name: str, what: str, ckpt: Path) -> str:
     t = _training(ckpt)
     m, tr = t["config"]["model"], t["config"]["train"]
@@ -160,6 +192,12 @@ def card(runs: Path, data: Path, models: dict[str, tuple[Path, str]], hardware: 
         *[_describe(name, what, ckpt) for name, (ckpt, what) in models.items()],
         "",
         f"Trained on {hardware}.",
+        "",
+        *[
+            f"- The {what}'s learning rate: {_schedule(ckpt.parent, _training(ckpt)['steps'])}."
+            for name, (ckpt, what) in models.items()
+            if (ckpt.parent / "branch.json").is_file()
+        ],
         "",
         "## Use",
         "",

@@ -763,3 +763,34 @@ def test_the_studio_continues_a_recording_with_an_audio_model(work, tmp_path):
         app = build_app(studio)
         props = {c["props"].get("elem_id"): c["props"] for c in app.config["components"]}
         assert ".mid" not in props["prompt"]["file_types"] and props["seconds"]["maximum"] == 60
+
+
+def test_the_audio_card_tells_how_a_branched_runs_rate_went(tmp_path):
+    """A prior trained in stages (`train --branch`: a held rate, then a decay branched off it)
+    gets each stage on its card, oldest first, from the runs' branch.json and config.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bundle_audio_model", REPO / "recipes" / "bundle_audio_model.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+
+    def run(name, train, branch=None):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"train": train}))
+        if branch:
+            (tmp_path / name / "branch.json").write_text(json.dumps(branch))
+        return tmp_path / name
+
+    base = {"lr": 5e-4, "min_lr": 5e-5}
+    run("top", {**base, "schedule": "cosine", "steps": 2300, "decay_steps": 0})
+    run("long", {**base, "schedule": "wsd", "steps": 20000, "decay_steps": 2000},
+        {"source": str(tmp_path / "top" / "checkpoints" / "step_0002300"), "step": 2300})  # fmt: skip
+    last = run("decay", {**base, "schedule": "wsd", "steps": 4250, "decay_steps": 500},
+               {"source": str(tmp_path / "long" / "checkpoints" / "step_0003750"), "step": 3750})  # fmt: skip
+    assert recipe._schedule(last, 4250) == (
+        "`top` steps 0-2,300 (cosine, 0.0005 to 5e-05), then `long` steps 2,300-3,750 (held at 0.0005), "
+        "then `decay` steps 3,750-4,250 (decayed to 5e-05 from step 3,750)"
+    )
+    assert recipe._schedule(tmp_path / "top", 2300) == "`top` steps 0-2,300 (cosine, 0.0005 to 5e-05)"
