@@ -3,6 +3,7 @@ codebook mask, exact cached sampling on codes, and audio generation from a PRIOR
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -794,3 +795,48 @@ def test_the_audio_card_tells_how_a_branched_runs_rate_went(tmp_path):
         "then `decay` steps 3,750-4,250 (decayed to 5e-05 from step 3,750)"
     )
     assert recipe._schedule(tmp_path / "top", 2300) == "`top` steps 0-2,300 (cosine, 0.0005 to 5e-05)"
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("basic_pitch", "onnxruntime", "librosa")),
+    reason="needs the transcribe extra (basic-pitch, librosa)",
+)
+def test_the_upsampler_bench_hears_the_true_top_level_upsampled(work, tmp_path, monkeypatch):
+    """bench/audio_upsampler.py: the bottom level sampled given a recording's true top codes,
+    beside the recording itself (identical to itself: cosine 1, 0 dB), its true bottom codes and
+    its top level decoded alone; a PRIORS_DIR without an upsampler is refused."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # it reads audio_continuation's measures
+    spec = importlib.util.spec_from_file_location("audio_upsampler", REPO / "bench" / "audio_upsampler.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "up.json"
+    args = ["--data", str(work["data"]), "--splits", "train", "--files", "2", "--start", "0"]
+    bench.main(
+        [
+            "--priors",
+            str(work["root"] / "priors"),
+            *args,
+            "--prompt-seconds",
+            "0.25",
+            "--seconds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert len(report["rows"]) == 2
+    for row in report["rows"]:
+        assert row["truth"]["chroma_cosine"] == pytest.approx(1.0) and row["truth"]["mel_db_distance"] == 0.0
+        assert (
+            row["true bottom codes"]["mel_db_distance"] > 0
+            and row["upsampled from the true top"]["mel_db_distance"] > 0
+        )
+        assert all(row[k]["notes"] >= 0 for k in bench.KINDS)
+    summary = report["sum_and_mean"]
+    assert summary["truth"]["notes"] == sum(r["truth"]["notes"] for r in report["rows"])
+    write_priors(tmp_path / "top_only", str(work["codec"]), str(work["top"]), {})
+    with pytest.raises(SystemExit, match="no upsampler to measure"):
+        bench.main(["--priors", str(tmp_path / "top_only"), *args])
