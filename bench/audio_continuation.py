@@ -43,6 +43,26 @@ def compare(a: np.ndarray, b: np.ndarray, sr: int) -> dict[str, float]:
     return {"chroma_cosine": float(ca @ cb), "mel_db_distance": float(np.abs(ma - mb).mean())}
 
 
+def held_out_clips(
+    data_dir: Path, splits: list[str], files: int, start: float, prompt: float, seconds: float
+):
+    """(name, sample rate, clip, prompt samples) for up to `files` recordings of the splits long
+    enough for `prompt` + `seconds` from `start` on."""
+    found = 0
+    for split in splits:
+        data = AudioData(data_dir, split)
+        sr = data.sample_rate
+        begin, p, n = (int(round(x * sr)) for x in (start, prompt, seconds))
+        for i in range(len(data)):
+            if found == files:
+                return
+            clip = data.clip(i, begin, p + n)
+            if len(clip) < p + n:
+                continue  # too short for a prompt and its truth
+            found += 1
+            yield f"{split}/{data.paths[i]}", sr, clip, p
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--priors", default="bundled", help="a PRIORS_DIR, or 'bundled'")
@@ -60,49 +80,43 @@ def main() -> None:
     transcriber = Transcriber()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for split in args.splits:
-            data = AudioData(args.data, split)
-            sr = data.sample_rate
-            for i in range(len(data)):
-                if len(rows) == args.files:
-                    break
-                start, p, n = (int(round(x * sr)) for x in (args.start, args.prompt_seconds, args.seconds))
-                audio = data.clip(i, start, p + n)
-                if len(audio) < p + n:
-                    continue  # too short for a prompt and its truth
-                prompt, truth = audio[:p], audio[p:]
-                wav = write_audio(tmp / f"prompt{len(rows)}.wav", prompt, sr)
-                kept = read_audio(wav, sr)  # the prompt as written (16-bit), kept sample for sample
-                runs = {}
-                for name, given in (("continued", wav), ("unprompted", None)):
-                    result = generate_audio(
-                        priors, tmp / f"{name}{len(rows)}", args.seconds, prompt=given, seed=args.seed,
-                        progress=False, png=False,
-                    )  # fmt: skip
-                    runs[name] = read_audio(result.audio_files[0], sr)[len(kept) if given else 0 :]
-                row = {
-                    "file": f"{split}/{data.paths[i]}",
-                    "prompt_kept_exactly": bool(
-                        np.array_equal(
-                            read_audio(tmp / f"continued{len(rows)}" / "sample_00.wav", sr)[: len(kept)], kept
-                        )
-                    ),
-                    "continued": compare(runs["continued"], truth, sr),
-                    "unprompted": compare(runs["unprompted"], truth, sr),
-                    "prompt_itself": compare(kept[-len(truth) :], truth, sr),
-                }
-                row["notes"] = {
-                    name: transcriber(
-                        write_audio(tmp / f"{name}{len(rows)}.wav", audio, sr), tmp / "notes.mid"
-                    ).notes
-                    for name, audio in (
-                        ("continued", runs["continued"]),
-                        ("unprompted", runs["unprompted"]),
-                        ("truth", truth),
+        clips = held_out_clips(
+            args.data, args.splits, args.files, args.start, args.prompt_seconds, args.seconds
+        )
+        for file, sr, audio, p in clips:
+            prompt, truth = audio[:p], audio[p:]
+            wav = write_audio(tmp / f"prompt{len(rows)}.wav", prompt, sr)
+            kept = read_audio(wav, sr)  # the prompt as written (16-bit), kept sample for sample
+            runs = {}
+            for name, given in (("continued", wav), ("unprompted", None)):
+                result = generate_audio(
+                    priors, tmp / f"{name}{len(rows)}", args.seconds, prompt=given, seed=args.seed,
+                    progress=False, png=False,
+                )  # fmt: skip
+                runs[name] = read_audio(result.audio_files[0], sr)[len(kept) if given else 0 :]
+            row = {
+                "file": file,
+                "prompt_kept_exactly": bool(
+                    np.array_equal(
+                        read_audio(tmp / f"continued{len(rows)}" / "sample_00.wav", sr)[: len(kept)], kept
                     )
-                }
-                rows.append(row)
-                print(json.dumps(row))
+                ),
+                "continued": compare(runs["continued"], truth, sr),
+                "unprompted": compare(runs["unprompted"], truth, sr),
+                "prompt_itself": compare(kept[-len(truth) :], truth, sr),
+            }
+            row["notes"] = {
+                name: transcriber(
+                    write_audio(tmp / f"{name}{len(rows)}.wav", audio, sr), tmp / "notes.mid"
+                ).notes
+                for name, audio in (
+                    ("continued", runs["continued"]),
+                    ("unprompted", runs["unprompted"]),
+                    ("truth", truth),
+                )
+            }
+            rows.append(row)
+            print(json.dumps(row))
     summary = {
         name: {
             k: round(float(np.mean([r[name][k] for r in rows])), 4)

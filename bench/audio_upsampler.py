@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_continuation import compare
-from perceiver_music.audio.data import AudioData, write_audio
+from audio_continuation import compare, held_out_clips
+from perceiver_music.audio.data import write_audio
 from perceiver_music.audio.generate import _sample_level, load_priors, read_prompt
 from perceiver_music.audio.transcribe import Transcriber
 from perceiver_music.checkpoint import bundled_audio
@@ -50,42 +50,37 @@ def main(argv: list[str] | None = None) -> None:
     transcriber, rows = Transcriber(), []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for split in args.splits:
-            data = AudioData(args.data, split)
-            sr = data.sample_rate
-            for i in range(len(data)):
-                if len(rows) == args.files:
-                    break
-                p, n = int(round(args.prompt_seconds * sr)), int(round(args.seconds * sr))
-                clip = data.clip(i, int(round(args.start * sr)), p + n)
-                if len(clip) < p + n:
-                    continue
-                codes, _ = read_prompt(codec, write_audio(tmp / "clip.wav", clip, sr))
-                upper = torch.as_tensor(codes[top][0:1], dtype=torch.long)  # [1, frames]
-                for lv in priors.levels[1:]:  # each upsampler given the level above (true, then sampled)
-                    given = codes[lv.level].shape[1] * p // (p + n)
-                    sampled = _sample_level(
-                        lv, codes[lv.level][:, :given], codes[lv.level].shape[1] - given, 1, upper,
-                        SamplingConfig(), args.seed + lv.level, True, None, "fp32", False, args.seconds, "cpu",
-                    )[0]  # fmt: skip
-                    upper = torch.as_tensor(sampled[0:1], dtype=torch.long)
-                bottom = priors.levels[-1].level
-                audio = {
-                    "truth": clip,
-                    "true bottom codes": codec.decode_array(codes[bottom], bottom),
-                    "top level alone": codec.decode_array(codes[top], top),
-                    "upsampled from the true top": codec.decode_array(sampled, bottom),
+        clips = held_out_clips(
+            args.data, args.splits, args.files, args.start, args.prompt_seconds, args.seconds
+        )
+        for file, sr, clip, p in clips:
+            n = len(clip) - p
+            codes, _ = read_prompt(codec, write_audio(tmp / "clip.wav", clip, sr))
+            upper = torch.as_tensor(codes[top][0:1], dtype=torch.long)  # [1, frames]
+            for lv in priors.levels[1:]:  # each upsampler given the level above (true, then sampled)
+                given = codes[lv.level].shape[1] * p // (p + n)
+                sampled = _sample_level(
+                    lv, codes[lv.level][:, :given], codes[lv.level].shape[1] - given, 1, upper,
+                    SamplingConfig(), args.seed + lv.level, True, None, "fp32", False, args.seconds, "cpu",
+                )[0]  # fmt: skip
+                upper = torch.as_tensor(sampled[0:1], dtype=torch.long)
+            bottom = priors.levels[-1].level
+            audio = {
+                "truth": clip,
+                "true bottom codes": codec.decode_array(codes[bottom], bottom),
+                "top level alone": codec.decode_array(codes[top], top),
+                "upsampled from the true top": codec.decode_array(sampled, bottom),
+            }
+            row = {"file": file}
+            for kind in KINDS:
+                heard = audio[kind][p : p + n]
+                wav = write_audio(tmp / "heard.wav", heard, sr)
+                row[kind] = {
+                    "notes": transcriber(wav, tmp / "heard.mid").notes,
+                    **compare(heard, clip[p:], sr),
                 }
-                row = {"file": f"{split}/{data.paths[i]}"}
-                for kind in KINDS:
-                    heard = audio[kind][p : p + n]
-                    wav = write_audio(tmp / "heard.wav", heard, sr)
-                    row[kind] = {
-                        "notes": transcriber(wav, tmp / "heard.mid").notes,
-                        **compare(heard, clip[p:], sr),
-                    }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     summary = {
         kind: {
             "notes": int(sum(r[kind]["notes"] for r in rows)),
