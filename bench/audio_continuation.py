@@ -63,18 +63,23 @@ def held_out_clips(
             yield f"{split}/{data.paths[i]}", sr, clip, p
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def clip_arguments(description: str, files: int, prompt: float, seconds: float) -> argparse.ArgumentParser:
+    """The options of a bench over held-out clips (held_out_clips) of a PRIORS_DIR's audio."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--priors", default="bundled", help="a PRIORS_DIR, or 'bundled'")
     parser.add_argument("--data", type=Path, required=True, help="a prepare-audio folder")
     parser.add_argument("--splits", nargs="+", default=["test"])
-    parser.add_argument("--files", type=int, default=4, help="at most this many recordings")
-    parser.add_argument("--start", type=float, default=5.0, help="where the prompt starts (s)")
-    parser.add_argument("--prompt-seconds", type=float, default=5.0)
-    parser.add_argument("--seconds", type=float, default=5.0, help="continued, and compared (s)")
+    parser.add_argument("--files", type=int, default=files, help="at most this many recordings")
+    parser.add_argument("--start", type=float, default=5.0, help="where the clip starts (s)")
+    parser.add_argument("--prompt-seconds", type=float, default=prompt, help="given first (s)")
+    parser.add_argument("--seconds", type=float, default=seconds, help="generated, and compared (s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = clip_arguments(__doc__.split("\n")[0], files=4, prompt=5.0, seconds=5.0).parse_args()
     priors = bundled_audio() if args.priors == "bundled" else Path(args.priors)
     rows = []
     transcriber = Transcriber()

@@ -13,7 +13,6 @@ Needs librosa and basic-pitch (the `transcribe` extra).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_continuation import compare, held_out_clips
+from audio_continuation import clip_arguments, compare, held_out_clips
 from perceiver_music.audio.data import write_audio
 from perceiver_music.audio.generate import _sample_level, load_priors, read_prompt
 from perceiver_music.audio.transcribe import Transcriber
@@ -32,16 +31,7 @@ KINDS = ("truth", "true bottom codes", "top level alone", "upsampled from the tr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--priors", default="bundled", help="a PRIORS_DIR, or 'bundled'")
-    parser.add_argument("--data", type=Path, required=True, help="a prepare-audio folder")
-    parser.add_argument("--splits", nargs="+", default=["test"])
-    parser.add_argument("--files", type=int, default=3, help="at most this many recordings")
-    parser.add_argument("--start", type=float, default=5.0, help="where the clip starts (s)")
-    parser.add_argument("--prompt-seconds", type=float, default=1.0, help="true bottom codes given first")
-    parser.add_argument("--seconds", type=float, default=4.0, help="upsampled, and compared (s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
+    parser = clip_arguments(__doc__.split("\n")[0], files=3, prompt=1.0, seconds=4.0)
     args = parser.parse_args(argv)
     priors = load_priors(bundled_audio() if args.priors == "bundled" else Path(args.priors))
     codec, top = priors.codec, priors.levels[0].level
