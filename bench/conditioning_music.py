@@ -144,15 +144,14 @@ def cmd_endings(args) -> dict:
     return {"rows": rows, "markdown": "\n".join(md) + "\n"}
 
 
-def _spans(steps, span: int) -> list[tuple[int, np.ndarray]]:
-    """(start step, note indices) of each `span`-step stretch of a performance that holds 8
-    notes or more."""
-    out = []
-    for lo in range(0, int(steps.end.max()), span):
-        keep = np.flatnonzero((steps.start >= lo) & (steps.start < lo + span))
-        if len(keep) >= 8:
-            out.append((lo, keep))
-    return out
+def _spans(steps, span: int) -> list[int]:
+    """The start step of each `span`-step stretch of a performance in which 8 notes or more
+    start (write_excerpt keeps those notes)."""
+    return [
+        lo
+        for lo in range(0, int(steps.end.max()), span)
+        if np.count_nonzero((steps.start >= lo) & (steps.start < lo + span)) >= 8
+    ]
 
 
 def excerpts(midi: Path, folder: Path, seconds: float = 20.0) -> Path:
@@ -169,13 +168,13 @@ def excerpt_set(midis: list[Path], folder: Path, seconds: float, limit: int | No
     tok = PerformanceTokenizer()
     span = int(seconds * tok.cfg.steps_per_second)
     notes = [tok.midi_to_notes(m) for m in midis]
-    every = [(i, lo, keep) for i, steps in enumerate(notes) for lo, keep in _spans(steps, span)]
+    every = [(i, lo) for i, steps in enumerate(notes) for lo in _spans(steps, span)]
     chosen = range(len(every))
     if limit is not None and len(every) > limit:
         chosen = np.unique(np.linspace(0, len(every) - 1, limit).astype(int))
     folder.mkdir(parents=True, exist_ok=True)
     for k in chosen:
-        i, lo, _ = every[k]
+        i, lo = every[k]
         write_excerpt(tok, notes[i], lo, span, folder / f"{i:03d}_{Path(midis[i]).stem}_{k:04d}.mid")
     return folder
 
