@@ -237,6 +237,7 @@ def _style_retrieval(model, batches, pieces) -> dict:
     style_len inputs, both encoded; how often a reference's vector is nearest (cosine) its own
     window's among all the windows (other windows of its piece left out), its mean rank (1 is
     best), and how far the vectors spread about their mean (a collapsed encoder: ~0)."""
+    from perceiver_music.model.conditioning import style_similarity
     from perceiver_music.tokens.performance import PAD
 
     encoder = model.conditioner.style_encoder
@@ -252,10 +253,8 @@ def _style_retrieval(model, batches, pieces) -> dict:
             ids.append(piece_ids[keep])
     if not refs:
         return {"windows": 0, "top1": 0.0, "mean_rank": 0.0, "spread": 0.0}
-    ref, own, ids = torch.cat(refs), torch.cat(owns), np.concatenate(ids)
-    sim = torch.nn.functional.normalize(ref, dim=-1) @ torch.nn.functional.normalize(own, dim=-1).T
-    same = torch.from_numpy(ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool)
-    sim = sim.masked_fill(same, float("-inf"))
+    ref, ids = torch.cat(refs), np.concatenate(ids)
+    sim = style_similarity(ref, torch.cat(owns), torch.from_numpy(ids))
     rank = 1 + (sim > sim.diag()[:, None]).sum(1).float()  # [N]
     spread = (ref - ref.mean(0)).norm(dim=-1).mean()
     return {"windows": len(ids), "top1": round(float((rank == 1).float().mean()), 4),

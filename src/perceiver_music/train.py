@@ -119,9 +119,8 @@ def collate(windows) -> dict[str, torch.Tensor]:
         batch["keyboard"] = torch.from_numpy(np.stack([w.keyboard for w in windows]))
     if first.reference is not None:
         batch["reference"] = torch.from_numpy(np.stack([w.reference for w in windows]))
-        batch["piece"] = torch.tensor(
-            [w.piece for w in windows], dtype=torch.long
-        )  # style_contrast's negatives
+        # which windows share a piece: not each other's negatives in the style contrast
+        batch["piece"] = torch.tensor([w.piece for w in windows], dtype=torch.long)
     if first.elapsed is not None or any(w.label for w in windows):
         batch["label"] = torch.tensor([w.label for w in windows], dtype=torch.long)
         batch["total"] = torch.tensor([w.total for w in windows], dtype=torch.float32)

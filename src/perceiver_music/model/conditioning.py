@@ -137,6 +137,16 @@ class StyleEncoder(nn.Module):
         return self.norm(pooled)
 
 
+def style_similarity(reference_vectors: Tensor, window_vectors: Tensor, piece: Tensor) -> Tensor:
+    """[N, N] cosine similarity of row i's reference vector to row j's window vector; -inf
+    between two different rows of one piece, which are not each other's negatives."""
+    ref = F.normalize(reference_vectors.float(), dim=-1)
+    own = F.normalize(window_vectors.float(), dim=-1)
+    sim = ref @ own.T
+    same = piece[:, None] == piece[None, :]
+    return sim.masked_fill(same & ~torch.eye(len(piece), dtype=torch.bool, device=sim.device), float("-inf"))
+
+
 def style_contrast_loss(
     encoder: StyleEncoder, reference: Tensor, window: Tensor, piece: Tensor, temperature: float = 0.1
 ) -> Tensor:
@@ -151,13 +161,9 @@ def style_contrast_loss(
     present = (reference != PAD).any(-1)  # [B]
     if int(present.sum()) < 2:
         return reference.new_zeros((), dtype=torch.float32)
-    ref = F.normalize(encoder(reference[present]).float(), dim=-1)  # [N, S]
-    own = F.normalize(encoder(window[present]).float(), dim=-1)  # [N, S]
-    piece = piece[present]
-    sim = ref @ own.T / temperature  # [N, N]: row i's reference against every window
-    same = piece[:, None] == piece[None, :]
-    sim = sim.masked_fill(same & ~torch.eye(len(piece), dtype=torch.bool, device=sim.device), float("-inf"))
-    target = torch.arange(len(piece), device=sim.device)
+    sim = style_similarity(encoder(reference[present]), encoder(window[present]), piece[present])
+    sim = sim / temperature  # [N, N]: row i's reference against every window
+    target = torch.arange(len(sim), device=sim.device)
     return 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
 
 
