@@ -71,35 +71,24 @@ def _training(ckpt: Path) -> dict:
     }
 
 
-def _history(run: Path) -> list[tuple[str, int, dict]]:
-    """The runs a run went on from (branch.json, `train --branch`), oldest first: (run name, the
-    step it started at, its config's train section)."""
-    chain = []
-    while True:
-        cfg = _json(run / "config.json") or {}
-        record = _json(run / "branch.json")
-        chain.append((run.name, record["step"] if record else 0, cfg.get("train", {})))
-        if record is None:
-            return chain[::-1]
-        run = Path(record["source"]).parent.parent  # a checkpoint folder: RUN/checkpoints/step_N
-        if not run.is_absolute():
-            run = REPO / run
-        if not (run / "config.json").is_file():
-            return chain[::-1]
-
-
 def _schedule(run: Path, last_step: int) -> str:
     """`top` steps 0-2,300 (cosine), `top_long` 2,300-3,750 (held at 0.0005), ...: how the rate went."""
-    chain, parts = _history(run), []
-    for k, (name, start, t) in enumerate(chain):
-        end = chain[k + 1][1] if k + 1 < len(chain) else last_step
-        if t.get("schedule") == "wsd" and t.get("decay_steps") and end > t["steps"] - t["decay_steps"]:
+    from perceiver_music.train import branch_chain
+
+    chain, parts = branch_chain(run), []
+    for k, (stage, record) in enumerate(chain):
+        start = record["step"] if record else 0
+        end = chain[k + 1][1]["step"] if k + 1 < len(chain) else last_step
+        t = (_json(stage / "config.json") or {}).get("train", {})
+        if not t:
+            how = "its settings gone with its folder"
+        elif t.get("schedule") == "wsd" and t.get("decay_steps") and end > t["steps"] - t["decay_steps"]:
             how = f"decayed to {t['min_lr']:g} from step {max(start, t['steps'] - t['decay_steps']):,}"
         elif t.get("schedule") == "wsd":
             how = f"held at {t['lr']:g}"
         else:
             how = f"{t.get('schedule', '?')}, {t.get('lr', 0):g} to {t.get('min_lr', 0):g}"
-        parts.append(f"`{name}` steps {start:,}-{end:,} ({how})")
+        parts.append(f"`{stage.name}` steps {start:,}-{end:,} ({how})")
     return ", then ".join(parts)
 
 

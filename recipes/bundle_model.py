@@ -61,8 +61,10 @@ def _before(run: Path, latents: int) -> dict | None:
     it (a model bundled by this script), else its steps (hours unknown).
     Only init.json is read: the source folder may since hold another model (the bundled one
     is replaced by the model fine-tuned from it)."""
-    while not (run / "init.json").is_file() and (run / "branch.json").is_file():
-        run = Path(json.loads((run / "branch.json").read_text())["source"]).parent.parent  # a stage of it
+    from perceiver_music.train import branch_chain
+
+    stages = [stage for stage, _ in reversed(branch_chain(run))]  # itself, then what it branched off
+    run = next((stage for stage in stages if (stage / "init.json").is_file()), stages[-1])
     record = _json(run / "init.json")
     if record is None:
         return None
@@ -100,21 +102,22 @@ def _training_line(t: dict, hardware: str) -> str:
 
 def _stages(run: Path, steps: int, condition: list[str]) -> str | None:
     """The stages of a run made by `train --branch` (branch.json, followed back), as one line."""
-    stages, end = [], steps
-    while (run / "branch.json").is_file():
-        record = json.loads((run / "branch.json").read_text())
-        stages.append((record["step"], end, condition, record.get("note")))  # note: what else changed
-        end, condition = record["step"], record.get("source_condition", [])
-        run = Path(record["source"]).parent.parent
-    if not stages:
+    from perceiver_music.train import branch_chain
+
+    records = [record for _, record in branch_chain(run)]
+    if len(records) == 1:
         return None
-    stages.append((0, end, condition, None))
-    parts = [
-        f"steps {a:,}-{b:,} "
-        + ("conditioned on " + ", ".join(c) if c else "unconditioned")
-        + (f" ({note})" if note else "")
-        for a, b, c, note in reversed(stages)
-    ]
+    parts = []
+    for k, record in enumerate(records):
+        after = records[k + 1] if k + 1 < len(records) else None  # the stage branched off this one
+        start, end = record["step"] if record else 0, after["step"] if after else steps
+        c = after.get("source_condition", []) if after else condition
+        note = record.get("note") if record else None  # note: what else changed
+        parts.append(
+            f"steps {start:,}-{end:,} "
+            + ("conditioned on " + ", ".join(c) if c else "unconditioned")
+            + (f" ({note})" if note else "")
+        )
     return (
         "- trained in stages (`train --branch`; conditioning added by a stage starts as a no-op): "
         + "; ".join(parts)

@@ -27,7 +27,7 @@ from perceiver_music.model.conditioning import Cond
 from perceiver_music.sample import CachedStream, ReferenceStream, generate
 from perceiver_music.sample import Conditions as SampleConditions
 from perceiver_music.tokens.performance import BOS, PAD, Vocab
-from perceiver_music.train import train
+from perceiver_music.train import branch_chain, train
 from test_train import TINY as TRAIN_TINY
 
 from conftest import random_pieces
@@ -398,7 +398,11 @@ def test_a_decay_branched_off_a_held_run_continues_it_exactly(labelled_data, tmp
     assert b[7]["loss"] == a[7]["loss"] and b[7]["lr"] == a[7]["lr"] == 1e-3
     lrs = [b[s]["lr"] for s in range(7, 11)]
     assert all(x > y for x, y in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-4, abs=3e-4)
+    chain = branch_chain(tmp_path / "decay")  # oldest first, each with the record that made it
+    assert [run for run, _ in chain] == [tmp_path / "held", tmp_path / "decay"]
+    assert chain[0][1] is None and chain[1][1]["step"] == 6
     stages = _script("recipes/bundle_model.py")._stages(tmp_path / "decay", 10, [])
+    assert stages.startswith("- trained in stages") and "steps 0-6 unconditioned; " in stages
     assert stages.endswith(
         "steps 6-10 unconditioned (learning rate decayed linearly to 0.0001 over steps 6-10)"
     )

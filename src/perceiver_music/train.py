@@ -188,6 +188,20 @@ def _write_branch_record(run_dir: Path, source: Path, step: int, cfg: Config) ->
     atomic_write_text(run_dir / "branch.json", json.dumps(record, indent=1))
 
 
+def branch_chain(run_dir: str | os.PathLike) -> list[tuple[Path, dict | None]]:
+    """The runs a run went on from through `train --branch`, oldest first, itself last: (run
+    folder, its branch.json record; None for the first). A source is followed as its branch.json
+    names it (relative to where train ran), and the oldest is listed even if its folder is gone."""
+    chain: list[tuple[Path, dict | None]] = []
+    run = Path(run_dir)
+    while (run / "branch.json").is_file():
+        record = json.loads((run / "branch.json").read_text())
+        chain.append((run, record))
+        run = Path(record["source"]).parent.parent  # RUN/checkpoints/step_N
+    chain.append((run, None))
+    return chain[::-1]
+
+
 def init_checkpoint(init: str | os.PathLike) -> Path:
     """The checkpoint folder `--init` names: "bundled", a run or a checkpoint folder."""
     try:
