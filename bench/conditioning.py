@@ -6,7 +6,8 @@
 On the same evenly spaced validation-style windows of the split (every target once, no
 augmentation), or with `--at start` on the first window of every piece (its first num_latents
 tokens, with nothing before them: where only the conditions say what the piece is, as when a
-piece is generated from nothing), the conditioned model's NLL (nats/token):
+piece is generated from nothing), the conditioned model's NLL (nats/token), there also over
+each piece's first `--head` tokens, before the piece's own notes have said much:
 
 * told nothing (no label, no length, no style; the time elapsed is always known), and, with
   --baseline, the unconditioned model of the same budget on the same windows;
@@ -51,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         default="anywhere",
         help="evenly spaced windows, or each piece's first",
     )
+    p.add_argument(
+        "--head",
+        type=int,
+        default=32,
+        help="with --at start, also the NLL of each piece's first HEAD targets, where only the "
+        "conditions can tell what the piece is (0: not measured)",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench/results/conditioning.json")
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from perceiver_music.checkpoint import load_model, trained_steps
     from perceiver_music.data.windows import TokenData, WindowDataset
     from perceiver_music.model.base import nll_sum
+    from perceiver_music.tokens.performance import PAD
     from perceiver_music.train import batch_cond, collate, model_inputs, window_conditions
 
     model, cfg = load_model(args.ckpt)
@@ -111,16 +120,27 @@ def main(argv: list[str] | None = None) -> int:
         names += ["style: own piece", "style: other piece"]
     names += ["all true"]
 
+    head = args.head if args.at == "start" else 0
     results: dict[str, float] = {}
+    head_results: dict[str, float] = {}
     with torch.no_grad():
         for name in names:
-            total, count = 0.0, 0
+            total, count, head_total, head_count = 0.0, 0, 0.0, 0
             for batch, piece_ids in zip(batches, pieces):
                 logits = model(batch["inputs"], batch["positions"], cond=variant(batch, piece_ids, name))
                 nll, n = nll_sum(logits, batch["targets"])
                 total, count = total + float(nll), count + int(n)
+                if head:  # a piece-start window's first real targets are its piece's first tokens
+                    t = batch["targets"]
+                    first = (t != PAD).cumsum(1) <= head  # [B, N]; padding is never scored
+                    nll, n = nll_sum(logits, torch.where(first, t, PAD))
+                    head_total, head_count = head_total + float(nll), head_count + int(n)
             results[name] = total / count
-            print(f"{name:22s} {results[name]:.4f} nats/token", flush=True)
+            line = f"{name:22s} {results[name]:.4f} nats/token"
+            if head:
+                head_results[name] = head_total / head_count
+                line += f"; first {head} tokens {head_results[name]:.4f}"
+            print(line, flush=True)
         if args.baseline:
             base, _ = load_model(args.baseline)
             total, count = 0.0, 0
@@ -169,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": count,
         "nll": {k: round(v, 5) for k, v in results.items()},
         "bits": {k: round(v / math.log(2), 5) for k, v in results.items()},
+        "head": head,
+        "nll_head": {k: round(v, 5) for k, v in head_results.items()},
         "eos_at_end": eos_at_end,
         "reference_signal": reference_signal,
         "style_retrieval": style_retrieval,

@@ -64,6 +64,11 @@ def matrix_markdown(title: str, rows: list[str], cols: list[str], values: np.nda
     return "\n".join(lines)
 
 
+def _settings(args) -> str:
+    """How a steering bench's pieces were generated, for its table's title."""
+    return f"{args.num} pieces of {args.seconds:g} s each, --guidance {args.guidance:g}, seed {args.seed}"
+
+
 def cmd_composers(args) -> dict:
     from perceiver_music.evaluate.sets import load_set
     from perceiver_music.generate import generate_midi
@@ -96,7 +101,9 @@ def cmd_composers(args) -> dict:
             for g in args.composers
         ]
     )
-    md = matrix_markdown("Composer steering: mean overlap area", args.composers, args.composers, values)
+    md = matrix_markdown(
+        f"Composer steering: mean overlap area ({_settings(args)})", args.composers, args.composers, values
+    )
     return {
         "composers": args.composers,
         "references": {c: len(refs[c]) for c in args.composers},
@@ -212,7 +219,7 @@ def cmd_style(args) -> dict:
         values.append([mean_overlap(gen.features, r.features) for r in ref_sets])
     values = np.array(values)
     md = matrix_markdown(
-        "Style: mean overlap area with each reference's excerpts",
+        f"Style: mean overlap area with each reference's excerpts ({_settings(args)})",
         names,
         [f"ref {i}" for i in range(len(names))],
         values,

@@ -11,6 +11,7 @@
 #   UNCOND=runs/x bash ...                        # a conditioned model's unconditioned twin (same budget)
 #   MAIN=runs/bundle/decay_2000 bash ...          # evaluate a model trained elsewhere (recipes/bundle_run.sh)
 #   BASELINE=0 SETTINGS=0 COND_BENCH=0 bash ...   # skip the baseline, the sampling settings, the steering benches
+#   GUIDANCE=1 bash ...                           # the composer and style benches without guidance (default 3)
 #
 # Runs on CPU or on a GPU when one is visible (train.precision=auto uses bf16 there).
 # When it is done, `python recipes/bundle_model.py runs/default/perceivers` copies the weights
@@ -31,6 +32,7 @@ MAIN=${MAIN:-}
 BASELINE=${BASELINE:-1}
 SETTINGS=${SETTINGS:-1}
 COND_BENCH=${COND_BENCH:-1}
+GUIDANCE=${GUIDANCE:-3}  # the steering benches' classifier-free guidance (README: Conditioning)
 
 bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
@@ -145,11 +147,11 @@ if [ "$COND_BENCH" = 1 ] && python -c "import json,sys; sys.exit(0 if json.load(
     python bench/conditioning.py --ckpt "$OUT/perceivers" --data "$DATA" --split test --at start \
         --out "$OUT/eval/conditioning/conditioning_start.json"
     python bench/conditioning_music.py composers --ckpt "$OUT/perceivers" --data "$DATA" --source "$ASAP" \
-        --out "$OUT/eval/conditioning"
+        --guidance "$GUIDANCE" --out "$OUT/eval/conditioning"
     python bench/conditioning_music.py endings --ckpt "$OUT/perceivers" ${UNCOND:+--baseline "$UNCOND"} \
         --out "$OUT/eval/conditioning"
     python bench/conditioning_music.py style --ckpt "$OUT/perceivers" --data "$DATA" --source "$ASAP" \
-        --out "$OUT/eval/conditioning"
+        --guidance "$GUIDANCE" --out "$OUT/eval/conditioning"
 fi
 
 echo "done: python recipes/bundle_model.py copies the PerceiverS model into the package"

@@ -574,12 +574,16 @@ def test_the_conditioning_bench_measures_every_condition_and_the_card_shows_it(
     assert f"| composer: wrong | {record['nll']['composer: wrong']:.4f} |" in section
     # At each piece's start: one window per piece, only its first num_latents targets.
     start = tmp_path / "eval" / "conditioning" / "conditioning_start.json"
-    assert bench.main([*args, "--at", "start", "--out", str(start)]) == 0
+    assert bench.main([*args, "--at", "start", "--head", "4", "--out", str(start)]) == 0
     at_start = json.loads(start.read_text())
     pieces = TokenData(labelled_data, "valid")
     num_latents = json.loads((conditioned_run / "config.json").read_text())["model"]["num_latents"]
     assert at_start["at"] == "start" and at_start["windows"] == len(pieces)
     assert at_start["targets"] == sum(min(num_latents, len(pieces.piece(i)) - 1) for i in range(len(pieces)))
+    # ... and each piece's first 4 tokens alone: the same conditions, a different average
+    assert num_latents > 4 and at_start["head"] == 4 and set(at_start["nll_head"]) == set(at_start["nll"])
+    assert all(np.isfinite(v) for v in at_start["nll_head"].values())
+    assert at_start["nll_head"] != at_start["nll"] and record["nll_head"] == {}
     section = "\n".join(recipe._conditioning(tmp_path / "eval", model))
     nothing = f"| nothing | {record['nll']['nothing']:.4f} | {at_start['nll']['nothing']:.4f} |"
     assert "| told | anywhere | piece start |" in section and nothing in section
