@@ -32,6 +32,7 @@ KINDS = ("truth", "true bottom codes", "top level alone", "upsampled from the tr
 
 def main(argv: list[str] | None = None) -> None:
     parser = clip_arguments(__doc__.split("\n")[0], files=3, prompt=1.0, seconds=4.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="the upsamplers' sampling temperature")
     args = parser.parse_args(argv)
     priors = load_priors(bundled_audio() if args.priors == "bundled" else Path(args.priors))
     codec, top = priors.codec, priors.levels[0].level
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                 given = codes[lv.level].shape[1] * p // (p + n)
                 sampled = _sample_level(
                     lv, codes[lv.level][:, :given], codes[lv.level].shape[1] - given, 1, upper,
-                    SamplingConfig(), args.seed + lv.level, True, None, "fp32", False, args.seconds, "cpu",
+                    SamplingConfig(temperature=args.temperature), args.seed + lv.level, True, None, "fp32", False, args.seconds, "cpu",
                 )[0]  # fmt: skip
                 upper = torch.as_tensor(sampled[0:1], dtype=torch.long)
             bottom = priors.levels[-1].level

@@ -193,9 +193,13 @@ def card(runs: Path, data: Path, models: dict[str, tuple[Path, str]], hardware: 
         "```bash",
         "perceiver-music generate --audio --seconds 20 --out out/audio                  # from nothing",
         "perceiver-music generate --audio --prompt recording.wav --seconds 10 --out out/continued",
+        "perceiver-music generate --audio --seconds 20 --no-upsample --out out/top      # the top level decoded directly",
         "```",
         "",
         "A prompt is a recording at the codec's sample rate; the output keeps it sample for sample.",
+        "`--no-upsample` skips the upsamplers and decodes the top level's codes directly: the upsampler",
+        "is most of the sampling time, and where it plays true top codes with fewer notes than decoding",
+        "them directly does (`bench/audio_upsampler.py`), the top level alone is heard better.",
     ]
     codec_eval = _json(runs / "eval_codec" / "codec_eval.json")
     if codec_eval is not None:

@@ -614,6 +614,22 @@ def test_generate_audio_continues_a_prompt_keeping_it_sample_for_sample(work, tm
     assert np.array_equal(cx[0][:, : prompt_codes[0].shape[1]], prompt_codes[0])
     assert json.loads((tmp_path / "hTrue" / "generate.json").read_text())["hop_fraction"] == 0.5
 
+    # --no-upsample: the top level sampled as with the upsampler (same seed, same codes), then
+    # decoded directly, at the top level's length in samples; the prompt still bit for bit.
+    assert main(["generate", "--ckpt", str(work["root"] / "priors"), "--prompt", str(prompt), "--seconds", "0.25",
+                 "--out", str(tmp_path / "top"), "--quiet", "--seed", "3", "--no-upsample"]) == 0  # fmt: skip
+    top_only, _ = sf.read(tmp_path / "top" / "sample_00.wav", dtype="int16")
+    assert len(top_only) == len(audio) and np.array_equal(top_only[: len(original)], original)
+    assert not np.array_equal(top_only, audio)  # level 1 decoded, not level 0
+    top_codes, _ = run.load_codes(tmp_path / "top" / "sample_00.codes.npz")
+    assert set(top_codes) == {1} and np.array_equal(top_codes[1], codes[1])
+    settings = json.loads((tmp_path / "top" / "generate.json").read_text())
+    assert (
+        settings["decoded_level"] == 1
+        and settings["upsampled"] is False
+        and list(settings["levels"]) == ["1"]
+    )
+
 
 def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, capsys):
     priors = work["root"] / "priors"
@@ -631,6 +647,7 @@ def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, caps
         ),
         (gen[:3] + gen[5:], "takes --seconds S"),
         ([*gen, "--hop-fraction", "1.5"], "--hop-fraction must be in (0, 1], got 1.5"),
+        ([*gen, "--hop-fraction", "0.5", "--no-upsample"], "--no-upsample skips them"),
     ]:
         assert main(args) == 2, args
         assert message in capsys.readouterr().err

@@ -386,6 +386,7 @@ def _generate_audio(args: argparse.Namespace) -> int:
             hop_fraction=args.hop_fraction,
             composer=args.composer,
             guidance=args.guidance,
+            upsample=not args.no_upsample,
         )
     except (PriorsError, ValueError) as e:
         return _fail(str(e))
@@ -416,8 +417,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_audio(args)
     if args.top_p is None:
         args.top_p = MIDI_TOP_P
-    if args.hop_fraction is not None:
-        return _fail("--hop-fraction is for audio upsamplers (--ckpt PRIORS_DIR)")
+    if args.hop_fraction is not None or args.no_upsample:
+        return _fail("--hop-fraction and --no-upsample are for audio priors (--ckpt PRIORS_DIR, --audio)")
 
     # Every setting is checked before torch and the model load.
     try:
@@ -936,6 +937,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="H",
         help="audio: sample upsamplers in Jukebox's windows, each adding H x context codes "
         "(default: slide exactly past the context)",
+    )
+    p.add_argument(
+        "--no-upsample",
+        action="store_true",
+        help="audio: sample the top level alone and decode it directly, skipping the upsamplers "
+        "(faster; for the bundled audio model, more notes heard: README, Audio priors)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(

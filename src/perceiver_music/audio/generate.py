@@ -199,6 +199,7 @@ def generate_audio(
     hop_fraction: float | None = None,
     composer: str | None = None,
     guidance: float = 1.0,
+    upsample: bool = True,
 ) -> AudioGenerateResult:
     """`num` recordings of `seconds` (after the prompt), written as sample_NN.wav, their codes
     (sample_NN.codes.npz, every level sampled), spectrograms and generate.json.
@@ -206,13 +207,20 @@ def generate_audio(
     hop_fraction: sample the upsamplers in Jukebox's windows (see `_sample_level`) instead of
     sliding exactly past their context (None, the default).
     composer: a label the top prior was trained with (model.condition has label); guidance:
-    classifier-free guidance of the top prior towards its conditions, as for MIDI."""
+    classifier-free guidance of the top prior towards its conditions, as for MIDI.
+    upsample: False samples the top level alone and decodes it directly (Jukebox's decoders take
+    any level): the upsamplers are skipped, which is several times faster and, for priors whose
+    upsamplers lose what the top level holds (bench/audio_upsampler.py), heard better."""
     if not (seconds > 0 and math.isfinite(seconds)) or num < 1:
         raise PriorsError(f"--seconds must be positive and --num at least 1 (got {seconds}, {num})")
     if hop_fraction is not None and not 0 < hop_fraction <= 1:
         raise PriorsError(f"--hop-fraction must be in (0, 1], got {hop_fraction}")
+    if hop_fraction is not None and not upsample:
+        raise PriorsError("--hop-fraction sets how the upsamplers sample, and --no-upsample skips them")
     t0 = time.perf_counter()
     priors = load_priors(priors_dir, device)
+    if not upsample:
+        priors = replace(priors, levels=priors.levels[:1])
     codec = priors.codec
     top_model = priors.levels[0].cfg.model
     try:
@@ -308,6 +316,7 @@ def generate_audio(
         "cache": use_cache,
         "refill": refill,
         "hop_fraction": hop_fraction,
+        "upsampled": len(priors.levels) > 1,
         "precision": precision,
         "device": str(device),
         "files": [p.name for p in audio_files],
