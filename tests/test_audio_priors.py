@@ -764,6 +764,13 @@ def test_the_studio_continues_a_recording_with_an_audio_model(work, tmp_path):
             audio[: len(original)], original
         )
     assert result.out_dir.is_relative_to((tmp_path / "out" / "jobs").resolve())
+    # The page's "upsample" box, unticked: the top level decoded directly, the prompt still kept.
+    assert info.upsamplers
+    top = studio.generate(Job(prompt=prompt, seconds=0.1, top_p=1.0, seed=1, upsample=False))
+    settings = json.loads((top.out_dir / "generate.json").read_text())
+    assert settings["upsampled"] is False and settings["decoded_level"] == 1
+    audio, _ = sf.read(top.audio_files[0], dtype="int16")
+    assert np.array_equal(audio[: len(original)], original)
     midi = tmp_path / "notes.mid"
     midi.write_bytes(b"MThd")
     other = tmp_path / "fast.wav"

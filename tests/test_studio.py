@@ -170,13 +170,17 @@ def test_conditioning_controls_only_for_models_that_have_them(tiny_run, tmp_path
         app = build_app(Studio(info, tmp_path / "out", tiny_run / "run"))
         props = [c["props"] for c in app.config["components"]]
         return {
-            p["elem_id"]: p.get("visible", True) for p in props if p.get("elem_id") in ("composer", "style")
+            p["elem_id"]: p.get("visible", True)
+            for p in props
+            if p.get("elem_id") in ("composer", "style", "upsample")
         }
 
     plain = model_info(tiny_run / "run")
-    assert visible(plain) == {"composer": False, "style": False}
+    assert visible(plain) == {"composer": False, "style": False, "upsample": False}
     plain.labels, plain.style = ["Bach", "Chopin"], True
-    assert visible(plain) == {"composer": True, "style": True}
+    assert visible(plain) == {"composer": True, "style": True, "upsample": False}
+    plain.upsamplers = True  # an audio model with levels below the top: the page may skip them
+    assert visible(plain)["upsample"] is True
 
 
 def test_other_commands_do_not_import_gradio():

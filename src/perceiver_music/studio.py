@@ -61,6 +61,7 @@ class ModelInfo:
     style: bool = False  # whether it takes a style file
     condition: list[str] = field(default_factory=list)  # model.condition: label, timing, style, keyboard
     sample_rate: int | None = None  # an audio model (a PRIORS_DIR): its codec's rate; None: MIDI
+    upsamplers: bool = False  # an audio model with levels below the top (the page may skip them)
 
 
 def safe_name(name: str, limit: int = 80) -> str:
@@ -133,7 +134,13 @@ def _audio_model_info(root: Path) -> ModelInfo:
     top = priors.levels[0].cfg.model  # only the top prior is conditioned (on composers, if labelled)
     labels = list(top.labels) if top.conditioned_on("label") else []
     return ModelInfo(
-        root, False, card, labels, condition=list(top.condition), sample_rate=priors.codec.cfg.sample_rate
+        root,
+        False,
+        card,
+        labels,
+        condition=list(top.condition),
+        sample_rate=priors.codec.cfg.sample_rate,
+        upsamplers=len(priors.levels) > 1,
     )
 
 
@@ -185,6 +192,7 @@ class Job:
     composer: str | None = None
     style: Path | None = None
     guidance: float | None = None
+    upsample: bool = True  # an audio model: False decodes the top level directly (generate --no-upsample)
 
 
 class Studio:
@@ -382,6 +390,7 @@ class Studio:
             progress=True,
             composer=composer,
             guidance=guidance,
+            upsample=job.upsample,
         )
 
 
@@ -431,6 +440,12 @@ def build_app(studio: Studio):
                     )
                     min_p = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="min-p (0: off)")
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+                    upsample = gr.Checkbox(
+                        value=True,
+                        label="upsample (off: the top level decoded directly, several times faster)",
+                        visible=info.upsamplers,
+                        elem_id="upsample",
+                    )
                 conditioned = bool(info.labels) or info.style
                 with gr.Accordion("conditioning", open=True, visible=conditioned):
                     composer = gr.Dropdown(
@@ -500,7 +515,7 @@ def build_app(studio: Studio):
         # shows generate's token bar in the page.
         def on_generate(
             upload, keep_s, seconds_, num_, temperature_, top_p_, min_p_, seed_, composer_, style_, guidance_,
-            progress=gr.Progress(track_tqdm=True),  # noqa: B008
+            upsample_, progress=gr.Progress(track_tqdm=True),  # noqa: B008
         ):  # fmt: skip
             job = Job(
                 prompt=Path(upload) if upload else None,
@@ -509,6 +524,7 @@ def build_app(studio: Studio):
                 composer=composer_ if info.labels and composer_ not in (None, "(none)") else None,
                 style=Path(style_) if info.style and style_ else None,
                 guidance=float(guidance_) if conditioned else None,
+                upsample=bool(upsample_) or not info.upsamplers,
             )  # fmt: skip
             if job.prompt is not None and keep_s:
                 job.keep_seconds = float(keep_s)
@@ -516,7 +532,20 @@ def build_app(studio: Studio):
 
         button.click(
             on_generate,
-            [prompt, keep, seconds, num, temperature, top_p, min_p, seed, composer, style, guidance],
+            [
+                prompt,
+                keep,
+                seconds,
+                num,
+                temperature,
+                top_p,
+                min_p,
+                seed,
+                composer,
+                style,
+                guidance,
+                upsample,
+            ],
             outputs,
             concurrency_limit=1,
             concurrency_id="model",
