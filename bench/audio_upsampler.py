@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> None:
             upper = torch.as_tensor(codes[top][0:1], dtype=torch.long)  # [1, frames]
             for lv in priors.levels[1:]:  # each upsampler given the level above (true, then sampled)
                 given = codes[lv.level].shape[1] * p // (p + n)
+                sampling = SamplingConfig(temperature=args.temperature)
                 sampled = _sample_level(
-                    lv, codes[lv.level][:, :given], codes[lv.level].shape[1] - given, 1, upper,
-                    SamplingConfig(temperature=args.temperature), args.seed + lv.level, True, None, "fp32", False, args.seconds, "cpu",
+                    lv, codes[lv.level][:, :given], codes[lv.level].shape[1] - given, 1, upper, sampling,
+                    args.seed + lv.level, True, None, "fp32", False, args.seconds, "cpu",
                 )[0]  # fmt: skip
                 upper = torch.as_tensor(sampled[0:1], dtype=torch.long)
             bottom = priors.levels[-1].level

@@ -666,6 +666,9 @@ def test_bad_priors_and_prompts_are_refused_before_sampling(work, tmp_path, caps
         load_priors(tmp_path / "gap")
     assert main(["generate", "--ckpt", str(work["top"]), "--out", str(tmp_path / "o"), "--no-render"]) == 2
     assert "not MIDI: generate audio with --ckpt PRIORS_DIR" in capsys.readouterr().err
+    # The bundled MIDI model has no levels to skip.
+    assert main(["generate", "--out", str(tmp_path / "o"), "--tokens", "4", "--no-upsample"]) == 2
+    assert "--no-upsample are for audio priors" in capsys.readouterr().err
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "priors.json").write_text("{")
     assert (

@@ -524,7 +524,7 @@ def build_app(studio: Studio):
                 composer=composer_ if info.labels and composer_ not in (None, "(none)") else None,
                 style=Path(style_) if info.style and style_ else None,
                 guidance=float(guidance_) if conditioned else None,
-                upsample=bool(upsample_) or not info.upsamplers,
+                upsample=bool(upsample_),
             )  # fmt: skip
             if job.prompt is not None and keep_s:
                 job.keep_seconds = float(keep_s)
